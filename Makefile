@@ -1,0 +1,33 @@
+# The README's two commands. Each target creates .venv on first use, installs the project
+# into it, and reinstalls only when setup.cfg or pyproject.toml change (a stamp file).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format clean
+
+# The main job: until the experiment runner exists, the merge-kernel benchmark.
+run: $(STAMP)
+	$(BIN)/python benchmarks/merge_kernel.py
+
+# Lint, format check, then the whole test suite (what .ci/run calls).
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "grasp-jax needs Python >= 3.11 (jax 0.10 does); set PYTHON=python3.11 or newer"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

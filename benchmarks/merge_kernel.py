@@ -1,0 +1,228 @@
+"""Benchmark: `merge_step` against the memory-bandwidth bound and a per-leaf NumPy loop.
+
+A merge reads four trees (current, source, two gradients) and writes one, so it cannot
+beat about 5 x P x 4 bytes at the machine's best bandwidth. We measure that bandwidth in
+the same run (STREAM-style: a NumPy copy and a jitted, donated in-place update; the
+faster counts), time `merge_step` as a caller sees it (dispatch and pytree flattening
+included), and time the reference's algorithm written as a Python loop over leaves.
+
+    python benchmarks/merge_kernel.py [--reps 7] [--only resnet50] [--granularities]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import grasp_jax as gj
+
+# Parameter counts with 1000 classes, as the paper and the PyTorch models give them.
+PAPER_SIZES = {
+    "resnet50": 25_557_032,
+    "efficientnet_b1": 7_794_184,
+    "mobilevit_xs": 2_318_536,
+    "mobilevit_xxs": 1_272_024,
+}
+
+
+def resnet50_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
+    """The exact parameter shapes of ResNet-50 (torchvision v1.5) in Flax layout."""
+    shapes = [(7, 7, 3, 64), (64,), (64,)]
+    in_ch = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            shapes += [(1, 1, in_ch, width), (width,), (width,)]
+            shapes += [(3, 3, width, width), (width,), (width,)]
+            shapes += [(1, 1, width, 4 * width), (4 * width,), (4 * width,)]
+            if block == 0:
+                shapes += [(1, 1, in_ch, 4 * width), (4 * width,), (4 * width,)]
+            in_ch = 4 * width
+    return [*shapes, (2048, num_classes), (num_classes,)]
+
+
+def synthetic_shapes(total: int, n_leaves: int, seed: int) -> list[tuple[int, ...]]:
+    """A conv/BN/dense mix of `n_leaves` leaves summing to exactly `total` elements.
+
+    Stands in for EfficientNet and MobileViT until the model zoo provides their trees;
+    the merge's cost depends on sizes and leaf count, not on the layer types.
+    """
+    rng = np.random.default_rng(seed)
+    shapes: list[tuple[int, ...]] = []
+    while len(shapes) < n_leaves - 1:
+        c_in, c_out = (int(c) for c in rng.choice([16, 32, 48, 64, 96, 128, 192, 256], 2))
+        kind = rng.integers(3)
+        kernel = (3, 3, 1, c_out) if kind == 0 else (1, 1, c_in, c_out)  # depthwise / 1x1
+        shapes += [kernel, (c_out,), (c_out,)] if kind < 2 else [(c_in, c_out), (c_out,)]
+    shapes = shapes[: n_leaves - 1]
+    rest = total - sum(int(np.prod(s)) for s in shapes)
+    while rest < 0:  # drop leaves until the remainder fits in one last dense kernel
+        rest += int(np.prod(shapes.pop()))
+    return [*shapes, (rest,)]
+
+
+def architecture_shapes() -> dict[str, list[tuple[int, ...]]]:
+    shapes = {"resnet50": resnet50_shapes()}
+    for i, name in enumerate(("efficientnet_b1", "mobilevit_xs", "mobilevit_xxs")):
+        shapes[name] = synthetic_shapes(PAPER_SIZES[name], 260, seed=i)
+    return shapes
+
+
+def best_bandwidth(n_bytes: int = 512 * 2**20, reps: int = 7) -> dict[str, float]:
+    """GB/s of a NumPy copy and of a jitted, donated in-place update (read + write)."""
+    src = np.ones(n_bytes // 4, np.float32)
+    dst = np.empty_like(src)
+    numpy_times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        numpy_times.append(time.perf_counter() - start)
+    update = jax.jit(lambda x: x * 0.5 + 1.0, donate_argnums=0)
+    x = update(jnp.ones(n_bytes // 4, jnp.float32)).block_until_ready()
+    jax_times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        x = update(x).block_until_ready()
+        jax_times.append(time.perf_counter() - start)
+    return {
+        "numpy_copy": 2 * n_bytes / min(numpy_times) / 1e9,
+        "jax_donated_update": 2 * n_bytes / min(jax_times) / 1e9,
+    }
+
+
+def reference_style_merge(current, source, grad_current, grad_source, threshold=0.3):
+    """The reference's algorithm as it is written there: a Python loop over tensors.
+
+    Per parameter: flatten both gradients, cosine in float32, a Python float compared
+    with the threshold; then every tensor is copied into a new state (the reference's
+    `load_state_dict` copies all of them).
+    """
+    merged = {}
+    for name in current:
+        a = grad_current[name].reshape(-1).astype(np.float32, copy=False)
+        b = grad_source[name].reshape(-1).astype(np.float32, copy=False)
+        score = float(np.dot(a, b) / (np.sqrt(np.dot(a, a)) * np.sqrt(np.dot(b, b)) + 1e-8))
+        merged[name] = (source[name] if score > threshold else current[name]).copy()
+    return merged
+
+
+def make_trees(shapes, seed: int = 0):
+    """current, source and two gradients that agree on about half of the leaves."""
+    rng = np.random.default_rng(seed)
+    trees = [{}, {}, {}, {}]
+    for i, shape in enumerate(shapes):
+        name = f"layer_{i:03d}"
+        g = rng.standard_normal(shape, np.float32)
+        noise = rng.standard_normal(shape, np.float32)
+        values = (
+            rng.standard_normal(shape, np.float32),
+            rng.standard_normal(shape, np.float32),
+            g,
+            g + noise if i % 2 else noise,
+        )
+        for tree, value in zip(trees, values, strict=True):
+            tree[name] = value
+    return trees
+
+
+def time_merge_step(trees_np, reps: int, **kwargs) -> list[float]:
+    """Seconds per `merge_step` call, block_until_ready included; inputs made beforehand."""
+    grads = [jax.device_put(t) for t in trees_np[2:]]
+    timings = []
+    for rep in range(reps + 1):  # the first call compiles
+        current, source = (jax.device_put(t) for t in trees_np[:2])
+        jax.block_until_ready((current, source))
+        start = time.perf_counter()
+        merged, stats = gj.merge_step(current, source, *grads, **kwargs)
+        jax.block_until_ready((merged, stats))
+        if rep:
+            timings.append(time.perf_counter() - start)
+        del merged, stats
+    return timings
+
+
+def xla_bytes_accessed(trees_np) -> float:
+    """Bytes the compiled merge program touches, by XLA's own cost analysis."""
+    from grasp_jax.merge import _merge_program
+
+    abstract = [
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t) for t in trees_np
+    ]
+    compiled = _merge_program.lower(
+        *abstract, 0.3, 1e-8, granularity="tensor", mode="hard"
+    ).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return float(analysis["bytes accessed"])
+
+
+def time_reference(trees_np, reps: int) -> list[float]:
+    timings = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        reference_style_merge(*trees_np)
+        timings.append(time.perf_counter() - start)
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--only", choices=sorted(PAPER_SIZES), action="append")
+    parser.add_argument(
+        "--granularities", action="store_true", help="also time channel/element, soft"
+    )
+    args = parser.parse_args()
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, ", end="")
+    print(f"{jax.device_count()} device(s); best of {args.reps} runs, median in ()")
+    bandwidth = best_bandwidth()
+    best = max(bandwidth.values())
+    print(
+        "bandwidth (read+write): "
+        + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth.items())
+        + f" -> bound uses {best:.1f} GB/s\n"
+    )
+    header = (
+        f"{'model':<16}{'params':>12}{'leaves':>8}{'merge_step ms':>20}{'bound ms':>10}"
+        f"{'ratio':>7}{'numpy loop ms':>20}{'speedup':>9}{'XLA bytes/5P4':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    # ratio = merge_step / bound; speedup = numpy loop / merge_step (both best times).
+    for name, shapes in architecture_shapes().items():
+        if args.only and name not in args.only:
+            continue
+        n_params = sum(int(np.prod(s)) for s in shapes)
+        trees = make_trees(shapes)
+        ours = time_merge_step(trees, args.reps)
+        theirs = time_reference(trees, args.reps)
+        bound = 5 * n_params * 4 / (best * 1e9)
+        print(
+            f"{name:<16}{n_params:>12,}{len(shapes):>8}"
+            f"{min(ours) * 1e3:>11.2f} ({statistics.median(ours) * 1e3:>6.2f})"
+            f"{bound * 1e3:>10.2f}{min(ours) / bound:>7.2f}"
+            f"{min(theirs) * 1e3:>11.2f} ({statistics.median(theirs) * 1e3:>6.2f})"
+            f"{min(theirs) / min(ours):>8.1f}x"
+            f"{xla_bytes_accessed(trees) / (5 * n_params * 4):>15.2f}"
+        )
+        if args.granularities:
+            for granularity in gj.GRANULARITIES:
+                for mode in gj.MODES:
+                    t = min(
+                        time_merge_step(
+                            trees, args.reps, granularity=granularity, mode=mode
+                        )
+                    )
+                    print(
+                        f"    {granularity:<8} {mode:<5} {t * 1e3:9.2f} ms "
+                        f"({t / bound:.2f}x bound)"
+                    )
+
+
+if __name__ == "__main__":
+    main()

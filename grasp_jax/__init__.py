@@ -1,0 +1,24 @@
+"""grasp_jax: GRASP (Gradient-Aligned Sequential Parameter Transfer) in JAX.
+
+The kernels are pure functions over pytrees (e.g. Flax `params`), jitted by XLA:
+`alignment_scores` scores how two models' gradients agree, `transfer` takes the agreeing
+units of a source model, `merge_step` does both in one donating program, and
+`summed_gradients` sums gradients over alignment batches.
+"""
+
+from grasp_jax.alignment import GRANULARITIES, alignment_scores
+from grasp_jax.gradients import summed_gradients
+from grasp_jax.merge import MergeStats, merge_step
+from grasp_jax.transfer import MODES, transfer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRANULARITIES",
+    "MODES",
+    "MergeStats",
+    "alignment_scores",
+    "merge_step",
+    "summed_gradients",
+    "transfer",
+]

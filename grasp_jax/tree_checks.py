@@ -1,0 +1,74 @@
+"""Validation of pytree pairs: mismatches are errors that name the first differing path.
+
+The kernels combine several trees leaf by leaf. `tree_map` would either fail with a terse
+treedef dump or, worse, broadcast a wrongly shaped leaf silently. These checks run at trace
+time (shapes are static), so they cost nothing once a function is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+PyTree = Any
+
+
+def path_str(path: tuple) -> str:
+    """Renders a key path as `params/Dense_0/kernel` (the way Flax users read names)."""
+    if not path:
+        return "<root>"
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+    """The leaves of `tree` with their rendered paths, in `tree_flatten` order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(path), leaf) for path, leaf in flat]
+
+
+def check_same_structure(names: tuple[str, ...], *trees: PyTree) -> None:
+    """Raises ValueError unless all trees have the same structure and leaf shapes.
+
+    `names` label the trees in the message (e.g. ("current", "source")).
+    """
+    reference = leaves_with_paths(trees[0])
+    reference_paths = [path for path, _ in reference]
+    for name, tree in zip(names[1:], trees[1:], strict=True):
+        other = leaves_with_paths(tree)
+        other_paths = [path for path, _ in other]
+        if other_paths != reference_paths:
+            in_other, in_reference = set(other_paths), set(reference_paths)
+            missing = [p for p in reference_paths if p not in in_other]
+            extra = [p for p in other_paths if p not in in_reference]
+            if missing:
+                detail = f"'{missing[0]}' is in {names[0]} but missing from {name}"
+            elif extra:
+                detail = f"'{extra[0]}' is in {name} but missing from {names[0]}"
+            else:
+                detail = "the same leaves appear in a different nesting or order"
+            raise ValueError(
+                f"{names[0]} and {name} have different tree structures: {detail}. "
+                "Pass trees of the same model (e.g. both `variables['params']`)."
+            )
+        if jax.tree_util.tree_structure(tree) != jax.tree_util.tree_structure(trees[0]):
+            raise ValueError(
+                f"{names[0]} and {name} hold the same leaves in different container "
+                "types (e.g. dict and FrozenDict, or list and tuple). Convert both to "
+                "plain dicts, e.g. with `flax.core.unfreeze`."
+            )
+        for (path, a), (_, b) in zip(reference, other, strict=True):
+            if jax.numpy.shape(a) != jax.numpy.shape(b):
+                raise ValueError(
+                    f"leaf '{path}' has shape {jax.numpy.shape(a)} in {names[0]} but "
+                    f"{jax.numpy.shape(b)} in {name}. The two models differ in "
+                    "architecture or head size; merge only trees of the same model."
+                )
