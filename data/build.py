@@ -1,0 +1,99 @@
+"""Builds a data set's TFDS configs: `python -m data.build NAME [--manual_dir DIR]`.
+
+    python -m data.build digits_drift                   # embedded, offline, seconds
+    python -m data.build clear100 --manual_dir ~/CLEAR100_30classes
+    python -m data.build yearbook --manual_dir DIR --configs before_1950s --skip_corrupt
+
+All configs (bins) are built unless --configs names some. Already built configs are
+skipped by TFDS; output goes to --data_dir (default ~/tensorflow_datasets).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+from absl import app, flags
+
+import data  # registers the builders
+from data.digits_drift import DigitsDrift
+from data.folder_layout import LayoutError
+from data.image_folder_builder import ImageFolderBuilder
+
+BUILDERS = {
+    "clear10": data.clear10.Clear10,
+    "clear100": data.clear100.Clear100,
+    "yearbook": data.yearbook.Yearbook,
+    "digits_drift": DigitsDrift,
+}
+
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with one subfolder per bin.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where TFDS writes the built data.")
+_CONFIGS = flags.DEFINE_list("configs", None, "Bins to build (default: all).")
+_SKIP_CORRUPT = flags.DEFINE_bool(
+    "skip_corrupt", False, "Skip and count unreadable images."
+)
+_KEEP_BACKGROUND = flags.DEFINE_bool("keep_background", False, "clear10: keep BACKGROUND.")
+
+
+def build(
+    name: str,
+    *,
+    manual_dir: str | None = None,
+    data_dir: str | None = None,
+    configs: list[str] | None = None,
+    **builder_kwargs,
+) -> dict[str, Path]:
+    """Builds the configs of data set `name`; returns each config's data folder."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
+    cls = BUILDERS[name]
+    available = [c.name for c in cls.BUILDER_CONFIGS]
+    unknown = sorted(set(configs or ()) - set(available))
+    if unknown:
+        raise ValueError(f"{name} has no config(s) {unknown}; it has {available}")
+    download_config = None
+    if issubclass(cls, ImageFolderBuilder):
+        if manual_dir is None or not Path(manual_dir).expanduser().is_dir():
+            raise LayoutError(
+                f"{name} needs --manual_dir, a folder you prepared by hand "
+                f"(given: {manual_dir}). {cls.manual_instructions()}"
+            )
+        manual = str(Path(manual_dir).expanduser())
+        download_config = tfds.download.DownloadConfig(manual_dir=manual)
+    built = {}
+    for config in configs or available:
+        builder = cls(config=config, data_dir=data_dir, **builder_kwargs)
+        builder.download_and_prepare(download_config=download_config)
+        built[config] = Path(builder.data_dir)
+    return built
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise app.UsageError(
+            f"usage: python -m data.build {{{','.join(BUILDERS)}}} [flags]"
+        )
+    name = argv[1]
+    kwargs = {}
+    if name in ("clear10", "clear100", "yearbook"):
+        kwargs["skip_corrupt"] = _SKIP_CORRUPT.value
+    if name == "clear10":
+        kwargs["keep_background"] = _KEEP_BACKGROUND.value
+    start = time.perf_counter()
+    built = build(
+        name,
+        manual_dir=_MANUAL_DIR.value,
+        data_dir=_DATA_DIR.value,
+        configs=_CONFIGS.value,
+        **kwargs,
+    )
+    for config, path in built.items():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        print(f"{name}/{config}: {path} ({size / 2**20:.1f} MiB)")
+    print(f"built in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)

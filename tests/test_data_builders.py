@@ -1,0 +1,190 @@
+"""The TFDS builders on fixture trees written here (both layouts), and digits_drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+import data
+from data.build import build
+from data.clear10 import Clear10
+from data.clear100 import Clear100
+from data.folder_layout import LayoutError
+from data.yearbook import PERIODS
+
+
+def write_image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)  # format from the suffix: JPEG or PNG
+
+
+def make_bin(root: Path, bin_name: str, classes, *, split: bool, per_class: int = 10):
+    """A bin in the pre-split (`train/val/test/<class>`) or unsplit layout."""
+    seed = 0
+    for c in classes:
+        for i in range(per_class):
+            suffix = ".jpg" if i % 2 else ".png"
+            sub = ("train", "train", "train", "val", "test")[i % 5] if split else ""
+            write_image(root / bin_name / sub / c / f"img_{i:03d}{suffix}", seed)
+            seed += 1
+
+
+def read(name: str, data_dir: Path) -> dict:
+    return tfds.data_source(name, data_dir=str(data_dir))
+
+
+def labels_and_names(source) -> list[tuple[int, str]]:
+    return [(int(ex["label"]), ex["file_name"].decode()) for ex in source]
+
+
+def test_clear10_split_layout_excludes_background(tmp_path):
+    make_bin(
+        tmp_path / "manual", "year_1-2", [*Clear10.CLASS_NAMES, "BACKGROUND"], split=True
+    )
+    build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "out",
+          configs=["year_1-2"])  # fmt: skip
+    source = read("clear10/year_1-2", tmp_path / "out")
+    assert {k: len(v) for k, v in source.items()} == {"train": 60, "validation": 20,
+                                                      "test": 20}  # fmt: skip
+    builder = tfds.builder("clear10/year_1-2", data_dir=str(tmp_path / "out"))
+    assert builder.info.features["label"].names == sorted(Clear10.CLASS_NAMES)
+    assert builder.info.metadata["domains"] == list(data.clear10.CLEAR_BINS)
+    for label, name in labels_and_names(source["train"]):
+        assert name.split("/")[2] == sorted(Clear10.CLASS_NAMES)[label]
+        assert "BACKGROUND" not in name
+    first = source["train"][0]
+    assert np.asarray(Image.open(__import__("io").BytesIO(first["image"]))).shape == (
+        12,
+        10,
+        3,
+    )
+
+
+def test_clear10_keep_background_adds_a_class(tmp_path):
+    make_bin(
+        tmp_path / "manual", "year_3-4", [*Clear10.CLASS_NAMES, "BACKGROUND"], split=False
+    )
+    build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "out",
+          configs=["year_3-4"], keep_background=True)  # fmt: skip
+    builder = tfds.builder(
+        "clear10/year_3-4", data_dir=str(tmp_path / "out"), keep_background=True
+    )
+    assert builder.info.features["label"].names[0] == "BACKGROUND"
+    assert builder.info.features["label"].num_classes == 11
+
+
+def test_clear100_unsplit_layout_is_split_deterministically(tmp_path):
+    make_bin(tmp_path / "manual", "year_5-6", Clear100.CLASS_NAMES, split=False)
+    splits = []
+    for run, seed in enumerate((42, 42, 7)):
+        out = tmp_path / f"out{run}"
+        build("clear100", manual_dir=tmp_path / "manual", data_dir=out,
+              configs=["year_5-6"], split_seed=seed)  # fmt: skip
+        source = read("clear100/year_5-6", out)
+        splits.append({k: sorted(labels_and_names(v)) for k, v in source.items()})
+    assert splits[0] == splits[1]
+    assert splits[0] != splits[2]
+    # 10 images per class: int(8) train, int(1) validation, 1 test, per class.
+    assert [len(splits[0][s]) for s in ("train", "validation", "test")] == [240, 30, 30]
+    names = sorted(Clear100.CLASS_NAMES)
+    assert names.index("bookstore") == 5 and "billiard" not in names
+    for label, name in splits[0]["train"]:
+        assert name.split("/")[1] == names[label]
+
+
+def test_yearbook_labels_are_earlier_and_later_decade(tmp_path):
+    make_bin(tmp_path / "manual", "1950s_1960s", PERIODS["1950s_1960s"], split=True)
+    build("yearbook", manual_dir=tmp_path / "manual", data_dir=tmp_path / "out",
+          configs=["1950s_1960s"])  # fmt: skip
+    builder = tfds.builder("yearbook/1950s_1960s", data_dir=str(tmp_path / "out"))
+    assert builder.info.features["label"].names == ["1950s", "1960s"]
+    source = read("yearbook/1950s_1960s", tmp_path / "out")
+    for label, name in labels_and_names(source["test"]):
+        assert name.split("/")[2] == ("1950s", "1960s")[label]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: None, "needs --manual_dir"),
+        (
+            lambda root: (root / "other").mkdir(parents=True),
+            "bin folder .*year_1-2 does not",
+        ),
+        (lambda root: (root / "year_1-2" / "misc").mkdir(parents=True), "unknown layout"),
+        (
+            lambda root: make_bin(root, "year_1-2", Clear10.CLASS_NAMES[:-1], split=False),
+            r"class folder\(s\) \['sweater'\] are missing",
+        ),
+        (
+            lambda root: [
+                (root / "year_1-2" / c).mkdir(parents=True) for c in Clear10.CLASS_NAMES
+            ],
+            "no images found",
+        ),
+    ],
+)
+def test_bad_manual_directories_name_the_path(tmp_path, make, message):
+    make(tmp_path / "manual")
+    with pytest.raises(LayoutError, match=message):
+        build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "out",
+              configs=["year_1-2"])  # fmt: skip
+
+
+def test_corrupt_image_fails_or_is_skipped_and_counted(tmp_path):
+    make_bin(tmp_path / "manual", "year_1-2", Clear10.CLASS_NAMES, split=False)
+    bad = tmp_path / "manual" / "year_1-2" / "bus" / "img_000.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    with pytest.raises(LayoutError, match=r"bus/img_000.png: not a readable image"):
+        build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "a",
+              configs=["year_1-2"])  # fmt: skip
+    build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "b",
+          configs=["year_1-2"], skip_corrupt=True)  # fmt: skip
+    builder = tfds.builder("clear10/year_1-2", data_dir=str(tmp_path / "b"))
+    assert builder.info.metadata["skipped_corrupt"] == 1
+    assert sum(len(v) for v in read("clear10/year_1-2", tmp_path / "b").values()) == 99
+
+
+def test_unknown_data_set_or_config():
+    with pytest.raises(ValueError, match="unknown data set 'clear1000'"):
+        build("clear1000")
+    with pytest.raises(ValueError, match=r"no config\(s\) \['year_11'\]"):
+        build("clear10", configs=["year_11"])
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tfds")
+    build("digits_drift", data_dir=out)
+    return out
+
+
+def test_digits_drift_partitions_all_images(digits_dir):
+    configs = ["pretrain", *data.digits_drift.DOMAINS]
+    sizes = {c: {k: len(v) for k, v in read(f"digits_drift/{c}", digits_dir).items()}
+             for c in configs}  # fmt: skip
+    assert sum(sum(s.values()) for s in sizes.values()) == 1797  # sklearn's digits
+    assert 590 <= sum(sizes["pretrain"].values()) <= 610  # about a third
+    example = read("digits_drift/d0", digits_dir)["train"][0]
+    assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.uint8
+
+
+def test_digits_drift_is_real_drift(digits_dir):
+    """A classifier fit on domain 0 (an independent sklearn model) degrades on d4."""
+    from sklearn.linear_model import LogisticRegression
+
+    def arrays(config, split):
+        source = read(f"digits_drift/{config}", digits_dir)[split]
+        x = np.stack([ex["image"] for ex in source]).reshape(len(source), -1) / 255.0
+        return x, np.array([ex["label"] for ex in source])
+
+    classifier = LogisticRegression(max_iter=2000).fit(*arrays("d0", "train"))
+    own = classifier.score(*arrays("d0", "test"))
+    far = classifier.score(*arrays("d4", "test"))
+    assert own >= 0.8
+    assert far <= own - 0.3

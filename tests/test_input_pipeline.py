@@ -1,0 +1,154 @@
+"""The grain pipeline and the on-device augmentation, against hand computations."""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from grasp_jax import input_pipeline as ip
+
+SMALL = ip.PipelineConfig(resize_size=20, crop_size=16, batch_size=4)
+
+
+def fake_source(n: int = 10, encoded: bool = False) -> list[dict]:
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, (24 + i, 30, 3), dtype=np.uint8)
+        if encoded:
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            pixels = buffer.getvalue()
+        examples.append({"image": pixels, "label": i})
+    return examples
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"), [((300, 200), (384, 256)), ((200, 500), (256, 640))]
+)
+def test_resize_shorter_side(size, expected):
+    image = Image.new("RGB", size)
+    assert ip.resize_shorter_side(image, 256).size == expected  # PIL sizes are (w, h)
+
+
+def test_centre_crop_is_torchvision_centre():
+    image = np.arange(10 * 7).reshape(10, 7)[..., None]
+    # torchvision: top = round((10 - 4) / 2) = 3, left = round((7 - 4) / 2) = 2 (banker's).
+    np.testing.assert_array_equal(ip.crop(image, 4, None), image[3:7, 2:6])
+
+
+def test_crop_smaller_than_image_is_an_error():
+    with pytest.raises(ValueError, match="smaller than the 16 crop"):
+        ip.crop(np.zeros((8, 8, 3)), 16, None)
+
+
+def batches(source, **kwargs):
+    return list(ip.dataset(source, SMALL, **kwargs))
+
+
+@pytest.mark.parametrize("encoded", [False, True])
+def test_train_batches_shapes_and_remainder(encoded):
+    train = batches(fake_source(10, encoded), train=True, seed=1)
+    assert len(train) == 2  # 10 // 4, remainder dropped
+    assert train[0]["image"].shape == (4, 16, 16, 3) and train[0]["image"].dtype == np.uint8
+    evaluation = batches(fake_source(10, encoded), train=False)
+    assert [len(b["label"]) for b in evaluation] == [4, 4, 2]
+    np.testing.assert_array_equal(
+        np.concatenate([b["label"] for b in evaluation]), range(10)
+    )
+
+
+def test_train_order_depends_only_on_seed_and_epoch():
+    source = fake_source(12)
+
+    def run(seed, epoch):
+        return [b["image"] for b in batches(source, train=True, seed=seed, epoch=epoch)]
+
+    same = run(3, 0), run(3, 0)
+    for a, b in zip(*same, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(run(3, 0), run(3, 1), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(run(3, 0), run(4, 0), strict=True))
+
+
+def test_eval_is_deterministic_centre_crops():
+    source = fake_source(4)
+    (batch,) = batches(source, train=False)
+    for image, example in zip(batch["image"], source, strict=True):
+        resized = np.asarray(ip.resize_shorter_side(Image.fromarray(example["image"]), 20))
+        np.testing.assert_array_equal(image, ip.crop(resized, 16, None))
+
+
+def test_shards_are_disjoint_and_cover_the_source():
+    source = fake_source(10)
+    shards = [batches(source, train=False, shard_index=i, shard_count=2) for i in range(2)]
+    seen = [np.concatenate([b["label"] for b in shard]) for shard in shards]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(10))
+    assert not set(seen[0]) & set(seen[1])
+
+
+def test_hue_shift_matches_colorsys():
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(size=(3, 5, 5, 3)).astype(np.float32)
+    shifts = np.array([0.07, -0.1, 0.5], np.float32)
+    got = np.asarray(ip._shift_hue(jnp.asarray(pixels), jnp.asarray(shifts)))
+    for n in range(3):
+        for y in range(5):
+            for x in range(5):
+                h, s, v = colorsys.rgb_to_hsv(*pixels[n, y, x])
+                want = colorsys.hsv_to_rgb((h + shifts[n]) % 1.0, s, v)
+                np.testing.assert_allclose(got[n, y, x], want, atol=2e-5)
+
+
+def test_jitter_factors_stay_in_range():
+    images = jnp.full((64, 4, 4, 3), 0.5, jnp.float32)
+    only_brightness = dataclasses.replace(SMALL, contrast=0.0, saturation=0.0, hue=0.0)
+    out = np.asarray(ip.color_jitter(jax.random.key(0), images, only_brightness))
+    factors = out[:, 0, 0, 0] / 0.5
+    assert factors.min() >= 0.8 - 1e-6 and factors.max() <= 1.2 + 1e-6
+    assert factors.std() > 0.05  # one draw per image
+    nothing = dataclasses.replace(
+        SMALL, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0
+    )
+    pixels = jax.random.uniform(jax.random.key(1), (2, 4, 4, 3))
+    np.testing.assert_allclose(ip.color_jitter(jax.random.key(2), pixels, nothing), pixels,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_augment_flips_about_half_and_normalises():
+    no_jitter = dataclasses.replace(
+        SMALL, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0
+    )
+    images = np.random.default_rng(0).integers(0, 256, (200, 6, 6, 3), dtype=np.uint8)
+    out = np.asarray(
+        jax.jit(lambda k, x: ip.augment(k, x, no_jitter))(jax.random.key(0), images)
+    )
+    plain = (images / 255.0 - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
+    flipped = np.array(
+        [np.allclose(o, p[:, ::-1], atol=1e-4) for o, p in zip(out, plain, strict=True)]
+    )
+    kept = np.array([np.allclose(o, p, atol=1e-4) for o, p in zip(out, plain, strict=True)])
+    assert (flipped | kept).all()
+    assert 70 <= flipped.sum() <= 130
+
+
+def test_normalize_matches_numpy():
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 3, 3), dtype=np.uint8)
+    want = (images / 255.0 - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
+    np.testing.assert_allclose(ip.normalize(jnp.asarray(images), SMALL), want, rtol=1e-5)
+
+
+def test_shard_batch_places_the_batch_axis():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batch = {"image": np.zeros((4, 2, 2, 3), np.uint8), "label": np.arange(4)}
+    out = ip.shard_batch(batch, sharding)
+    assert out["image"].sharding == sharding and out["image"].shape == (4, 2, 2, 3)
+    np.testing.assert_array_equal(out["label"], np.arange(4))
