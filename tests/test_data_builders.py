@@ -188,3 +188,26 @@ def test_digits_drift_is_real_drift(digits_dir):
     far = classifier.score(*arrays("d4", "test"))
     assert own >= 0.8
     assert far <= own - 0.3
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["pre-split", "unsplit"])
+@pytest.mark.parametrize(
+    ("name", "bin_name", "classes"),
+    [
+        ("clear10", "year_9-10", Clear10.CLASS_NAMES),
+        ("clear100", "year_1-2", Clear100.CLASS_NAMES),
+        ("yearbook", "1990s_and_later", PERIODS["1990s_and_later"]),
+    ],
+)
+def test_every_builder_reads_both_layouts(tmp_path, name, bin_name, classes, split):
+    make_bin(tmp_path / "manual", bin_name, classes, split=split)
+    build(
+        name, manual_dir=tmp_path / "manual", data_dir=tmp_path / "out", configs=[bin_name]
+    )
+    source = read(f"{name}/{bin_name}", tmp_path / "out")
+    # 10 images per class: pre-split 6/2/2 by the fixture, unsplit 8/1/1 by the builder.
+    per_class = (6, 2, 2) if split else (8, 1, 1)
+    sizes = tuple(len(source[s]) for s in ("train", "validation", "test"))
+    assert sizes == tuple(n * len(classes) for n in per_class)
+    for label, file_name in labels_and_names(source["train"]):
+        assert f"/{sorted(classes)[label]}/" in f"/{file_name}"
