@@ -33,3 +33,13 @@ monitoring.register_event_duration_secs_listener(_on_event)
 def compile_count():
     """A callable returning how many XLA backend compilations happened so far."""
     return lambda: _COMPILES[0]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """digits_drift built once per test session (all configs, ~4 s)."""
+    from data.build import build
+
+    out = tmp_path_factory.mktemp("tfds")
+    build("digits_drift", data_dir=out)
+    return out

@@ -157,13 +157,6 @@ def test_unknown_data_set_or_config():
         build("clear10", configs=["year_11"])
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tfds")
-    build("digits_drift", data_dir=out)
-    return out
-
-
 def test_digits_drift_partitions_all_images(digits_dir):
     configs = ["pretrain", *data.digits_drift.DOMAINS]
     sizes = {c: {k: len(v) for k, v in read(f"digits_drift/{c}", digits_dir).items()}

@@ -1,0 +1,1 @@
+"""Experiment entry points (source training, the GRASP runner) and their configs."""

@@ -1,0 +1,151 @@
+"""Source models: one per bin, all fine-tuned from one shared pretrained initialisation.
+
+Library code behind `experiments.train_sources` and the GRASP runner: where checkpoints
+live, how a missing one is trained, how one is restored into an abstract target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+import tensorflow_datasets as tfds
+
+from grasp_jax import checkpoints, models, train
+from grasp_jax import input_pipeline as ip
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> str:
+    return config.data_dir or str(workdir / "tfds")
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: Path, name: str) -> dict:
+    """The `tfds.data_source` splits of one config (bin) of the data set."""
+    directory = data_dir(config, workdir)
+    if config.dataset == "digits_drift":
+        from data.build import build  # the embedded set builds itself in seconds
+
+        build("digits_drift", data_dir=directory, configs=[name])
+    try:
+        return tfds.data_source(f"{config.dataset}/{name}", data_dir=directory)
+    except Exception as err:
+        command = f"python -m data.build {config.dataset} --manual_dir DIR"
+        raise FileNotFoundError(
+            f"{config.dataset}/{name} is not built in {directory}. Build it with "
+            f"`{command} --data_dir {directory}`."
+        ) from err
+
+
+def pipeline_config(config: ml_collections.ConfigDict) -> ip.PipelineConfig:
+    return ip.PipelineConfig(**config.pipeline.to_dict())
+
+
+def train_config(section: ml_collections.ConfigDict) -> train.TrainConfig:
+    return train.TrainConfig(**section.to_dict())
+
+
+def model_and_abstract(config: ml_collections.ConfigDict):
+    """The module and the shapes of its variables (no memory spent on an init)."""
+    overrides = config.model_overrides.to_dict()
+    size = config.pipeline.crop_size
+    module = models.create(config.model, config.num_classes, **overrides)
+    abstract = jax.eval_shape(
+        lambda: models.init(
+            config.model,
+            config.num_classes,
+            jax.random.PRNGKey(0),
+            (1, size, size, 3),
+            **overrides,
+        )
+    )
+    return module, abstract
+
+
+def source_dir(config: ml_collections.ConfigDict, workdir: Path, bin_name: str) -> Path:
+    return workdir / "sources" / config.dataset / config.model / bin_name
+
+
+def restore_source(config, workdir: Path, bin_name: str, abstract=None) -> dict:
+    """The variables of one trained source, restored into the model's abstract shapes."""
+    if abstract is None:
+        abstract = model_and_abstract(config)[1]
+    return checkpoints.restore_variables(
+        source_dir(config, workdir, bin_name), abstract, name=bin_name
+    )
+
+
+def train_one(
+    config, workdir: Path, name: str, split_name: str, section, init_variables, seed, writer
+) -> train.FitResult:
+    """Trains into `<workdir>/sources/.../<name>`; resumes an interrupted run."""
+    module, _ = model_and_abstract(config)
+    splits = load_splits(config, workdir, split_name)
+    run_dir = workdir / "train_state" / config.dataset / config.model / name
+    result = train.fit(
+        module,
+        init_variables,
+        splits["train"],
+        splits["validation"],
+        config=train_config(section),
+        pipeline=pipeline_config(config),
+        seed=seed,
+        workdir=run_dir,
+        writer=writer,
+        description=f"{config.dataset}/{name}",
+    )
+    checkpoints.save_variables(
+        source_dir(config, workdir, name),
+        result.variables,
+        {
+            "bin": name,
+            "dataset": config.dataset,
+            "model": config.model,
+            "best_val_accuracy": result.best_val_accuracy,
+            "best_epoch": result.best_epoch,
+            "seed": seed,
+            "seconds": result.seconds,
+            "history": result.history,
+            "train_config": dataclasses.asdict(train_config(section)),
+            "config": config.to_dict(),
+            "versions": train.library_versions(),
+        },
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def initial_variables(config, workdir: Path, writer) -> dict:
+    """The shared starting point of every source: cached pretraining or a checkpoint."""
+    _, abstract = model_and_abstract(config)
+    if config.init != "pretrain":
+        return checkpoints.restore_variables(config.init, abstract, name="init")
+    name = "_pretrained"
+    if not checkpoints.is_complete(source_dir(config, workdir, name)):
+        size = config.pipeline.crop_size
+        fresh = models.init(
+            config.model,
+            config.num_classes,
+            jax.random.PRNGKey(config.seed),
+            (1, size, size, 3),
+            **config.model_overrides.to_dict(),
+        )
+        train_one(
+            config,
+            workdir,
+            name,
+            config.pretrain.config,
+            _without(config.pretrain, "config"),
+            fresh,
+            config.seed,
+            writer,
+        )
+    return restore_source(config, workdir, name, abstract)
+
+
+def _without(section: ml_collections.ConfigDict, key: str) -> ml_collections.ConfigDict:
+    values = section.to_dict()
+    values.pop(key)
+    return ml_collections.ConfigDict(values)

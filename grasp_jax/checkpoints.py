@@ -1,0 +1,123 @@
+"""Source-model checkpoints: params, batch_stats and metadata as separate Orbax items.
+
+Separate items because Orbax restores whole items: the GRASP runner can restore only
+`params` (what the merge kernels see) or both, into an abstract target made with
+`jax.eval_shape`, so no throwaway initialisation is ever allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from grasp_jax.tree_checks import PyTree, leaves_with_paths
+
+ITEMS = ("params", "batch_stats")
+
+
+class CheckpointError(ValueError):
+    """A source checkpoint is missing, partial or does not fit the model."""
+
+
+def save_variables(path: str | Path, variables: dict, metadata: dict[str, Any]) -> Path:
+    """Writes `variables` and `metadata` to `path` atomically (temp folder, then rename).
+
+    Layout: `path/params/`, `path/batch_stats/` (Orbax) and `path/metadata.json`.
+    """
+    path = Path(path).absolute()
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        for item in ITEMS:
+            checkpointer.save(tmp / item, variables.get(item, {}))
+        checkpointer.wait_until_finished()
+    (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_plain))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when `path` holds a finished checkpoint with every item."""
+    path = Path(path)
+    return (path / "metadata.json").is_file() and all((path / i).is_dir() for i in ITEMS)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata saved with a checkpoint (no arrays are read)."""
+    _require(path, "metadata.json")
+    return json.loads((Path(path) / "metadata.json").read_text())
+
+
+def restore_variables(
+    path: str | Path,
+    abstract_variables: dict,
+    *,
+    items: tuple[str, ...] = ITEMS,
+    name: str = "",
+) -> dict:
+    """Restores `items` into the shapes of `abstract_variables` (e.g. `jax.eval_shape`).
+
+    Raises CheckpointError naming `name` (e.g. the bin), the path and the mismatching
+    keys when the checkpoint is missing, partial or of another architecture.
+    """
+    label = f"{name}: " if name else ""
+    for item in items:
+        _require(path, item, label)
+    restored = {}
+    with ocp.StandardCheckpointer() as checkpointer:
+        for item in items:
+            directory = Path(path).absolute() / item
+            target = abstract_variables.get(item, {})
+            _compare(
+                target,
+                checkpointer.metadata(directory).item_metadata,
+                f"{label}{path}",
+                item,
+            )
+            restored[item] = checkpointer.restore(directory, target)
+    return restored
+
+
+def _require(path, item: str, label: str = "") -> None:
+    if not (Path(path) / item).exists():
+        what = "does not exist" if not Path(path).exists() else f"has no '{item}'"
+        raise CheckpointError(
+            f"{label}checkpoint {path} {what}. Train the source again (the runner does "
+            "this for missing bins) or point to a complete checkpoint."
+        )
+
+
+def _compare(target: PyTree, stored: PyTree, where: str, item: str) -> None:
+    """Lists keys missing, unexpected or of another shape between target and stored."""
+    want = {p: tuple(np.shape(x)) for p, x in leaves_with_paths(target)}
+    have = {p: tuple(getattr(x, "shape", ())) for p, x in leaves_with_paths(stored)}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    reshaped = sorted(
+        f"{p} {have[p]} != {want[p]}" for p in set(want) & set(have) if have[p] != want[p]
+    )
+    if missing or unexpected or reshaped:
+        raise CheckpointError(
+            f"{where}: '{item}' does not fit the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatches {reshaped[:5]}. Was it "
+            "trained with another model or number of classes?"
+        )
+
+
+def abstract_like(variables: dict) -> dict:
+    """ShapeDtypeStructs of `variables` (for a restore target)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)

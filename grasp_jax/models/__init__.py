@@ -1,0 +1,45 @@
+"""Model registry: every model is a Flax Linen module called as
+`module.apply(variables, images_nhwc, train=False)` with `params` and `batch_stats`
+collections, so the merge kernels only ever see parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from grasp_jax.models.small_cnn import SmallCNN
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN}
+
+
+def names() -> list[str]:
+    """The registered model names."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, num_classes: int, **overrides) -> nn.Module:
+    """The module `name` with `num_classes` outputs; `overrides` set its other fields."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {names()}")
+    if isinstance(overrides.get("dtype"), str):
+        overrides["dtype"] = jnp.dtype(overrides["dtype"])
+    return _REGISTRY[name](num_classes=num_classes, **overrides)
+
+
+def init(
+    name: str,
+    num_classes: int,
+    rng: jax.Array,
+    input_shape: tuple[int, ...],
+    **overrides,
+) -> dict:
+    """Variables (`params`, `batch_stats`) of a fresh model for NHWC `input_shape`.
+
+    Wrap in `jax.eval_shape` for shapes only (no memory spent on a throwaway init).
+    """
+    module = create(name, num_classes, **overrides)
+    return module.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)

@@ -1,0 +1,86 @@
+"""Data parallel training on 8 forced CPU devices matches the 1-device run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_fit(data_dir, out: Path, devices: int, epochs: int = 2) -> tuple[dict, dict]:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    subprocess.run(
+        [sys.executable, "-m", "tests.fit_worker", str(data_dir), str(out), str(epochs)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    with open(str(out) + ".json") as f:
+        meta = json.load(f)
+    return dict(np.load(str(out) + ".npz")), meta
+
+
+def test_eight_devices_match_one(digits_dir, tmp_path):
+    one, meta_one = run_fit(digits_dir, tmp_path / "one", devices=1)
+    eight, meta_eight = run_fit(digits_dir, tmp_path / "eight", devices=8)
+    assert meta_one["devices"] == 1 and meta_eight["devices"] == 8
+    for key in one:
+        np.testing.assert_allclose(eight[key], one[key], rtol=1e-3, atol=1e-4)
+    for a, b in zip(meta_one["history"], meta_eight["history"], strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3
+        assert a["val_accuracy"] == b["val_accuracy"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_train_one_replicated_model(digits_dir, tmp_path):
+    """jax.distributed with the CPU backend's gloo collectives, one device a process."""
+    port = str(free_port())
+    out = tmp_path / "multi"
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "tests.fit_worker",
+            str(digits_dir),
+            str(out),
+            "2",
+            str(i),
+            port,
+        ]
+        for i in range(2)
+    ]
+    workers = [
+        subprocess.Popen(c, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for c in commands
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err.decode()[-2000:]
+    results = []
+    for i in range(2):
+        with open(f"{out}.{i}.json") as f:
+            meta = json.load(f)
+        assert meta["processes"] == 2 and meta["devices"] == 2
+        results.append((dict(np.load(f"{out}.{i}.npz")), meta["history"]))
+    (params_0, history_0), (params_1, history_1) = results
+    for key in params_0:
+        np.testing.assert_array_equal(params_0[key], params_1[key])
+
+    def numbers(history):  # all but the wall-clock throughput
+        return [{k: v for k, v in h.items() if k != "images_per_second"} for h in history]
+
+    assert numbers(history_0) == numbers(history_1)

@@ -1,0 +1,180 @@
+"""The training library: schedule, head LR, clipping, real runs, best/resume, recompiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from grasp_jax import input_pipeline as ip
+from grasp_jax import models, train
+
+PIPE = ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32)
+FAST = train.TrainConfig(epochs=2, learning_rate=3e-3, augment=False)
+
+
+def reference_factor(step: int, total: int, warmup: int) -> float:
+    """The reference's LambdaLR factor, written out (REFERENCE.md 3.2), pi as it has it."""
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / (total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(3.14159265359 * progress)))
+
+
+@pytest.mark.parametrize("step", [0, 1, 7, 19, 20, 21, 80, 149, 150])
+def test_warmup_cosine_schedule_matches_the_reference(step):
+    total, warmup = 150, int(150 * 2 / 15)  # 15 epochs of 10 steps: warmup 20
+    schedule = train.make_schedule(dataclasses.replace(FAST, epochs=15), 10)
+    assert float(schedule(step)) == pytest.approx(
+        FAST.learning_rate * reference_factor(step, total, warmup),
+        abs=FAST.learning_rate * 1e-6,  # float32 resolution of the factor
+    )
+
+
+def test_cosine_per_epoch_is_the_stage_recipe():
+    config = train.TrainConfig(epochs=3, learning_rate=5e-5, schedule="cosine_per_epoch")
+    schedule = train.make_schedule(config, steps_per_epoch=4)
+    # CosineAnnealingLR(T_max=3) per epoch: 5e-5, 3.75e-5, 1.25e-5 (REFERENCE.md 4.2).
+    got = [float(schedule(s)) for s in (0, 3, 4, 7, 8, 11)]
+    np.testing.assert_allclose(
+        got, [5e-5, 5e-5, 3.75e-5, 3.75e-5, 1.25e-5, 1.25e-5], rtol=1e-6
+    )
+
+
+def test_head_gets_ten_times_the_learning_rate():
+    params = {"conv0": {"kernel": jnp.ones(3)}, "head": {"kernel": jnp.ones(3)}}
+    config = train.TrainConfig(
+        epochs=1, weight_decay=0.0, grad_clip_norm=None, schedule="cosine_per_epoch"
+    )
+    tx = train.make_optimizer(config, steps_per_epoch=10)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Adam's first step moves each weight by lr * g / (|g| + eps) ~ lr.
+    np.testing.assert_allclose(updates["conv0"]["kernel"], -3e-4, rtol=1e-4)
+    np.testing.assert_allclose(updates["head"]["kernel"], -3e-3, rtol=1e-4)
+    assert train.head_labels(params) == {"conv0": {"kernel": "backbone"},
+                                         "head": {"kernel": "head"}}  # fmt: skip
+
+
+def test_gradients_are_clipped_by_global_norm_before_adam():
+    params = {"a": jnp.zeros(4), "head": {"b": jnp.zeros(4)}}
+    tx = train.make_optimizer(train.TrainConfig(grad_clip_norm=1.0), steps_per_epoch=10)
+    grads = {"a": jnp.full(4, 3.0), "head": {"b": jnp.full(4, 4.0)}}  # global norm 10
+    _, state = tx.update(grads, tx.init(params), params)
+    first_moments = [s.mu for s in jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)]  # fmt: skip
+    mu = {k: v for m in first_moments for k, v in jax.tree_util.tree_leaves_with_path(m)}
+    # Adam's first moment after one step is (1 - b1) * g = 0.1 * g, with g scaled to norm 1.
+    got = sorted(
+        float(jnp.abs(v).max()) for v in mu.values() if float(jnp.abs(v).max()) > 0
+    )
+    np.testing.assert_allclose(got, [0.1 * 0.3, 0.1 * 0.4], rtol=1e-5)
+
+
+def small_model(dtype="float32"):
+    module = models.create("small_cnn", 10, dtype=dtype)
+    variables = models.init("small_cnn", 10, jax.random.PRNGKey(0), (1, 32, 32, 3))
+    return module, variables
+
+
+def splits(digits_dir, name="pretrain"):
+    return tfds.data_source(f"digits_drift/{name}", data_dir=str(digits_dir))
+
+
+def test_two_epochs_learn_well_above_chance(digits_dir):
+    module, variables = small_model()
+    data = splits(digits_dir)
+    result = train.fit(module, variables, data["train"], data["validation"],
+                       config=FAST, pipeline=PIPE, progress=False)  # fmt: skip
+    assert result.best_val_accuracy >= 0.3  # chance is 0.1; measured 0.41
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_best_variables_are_the_best_epoch(digits_dir):
+    module, variables = small_model()
+    data = splits(digits_dir, "d1")
+    config = dataclasses.replace(FAST, epochs=4)
+    result = train.fit(module, variables, data["train"], data["validation"],
+                       config=config, pipeline=PIPE, progress=False)  # fmt: skip
+    accuracies = [h["val_accuracy"] for h in result.history]
+    assert result.best_epoch == int(np.argmax(accuracies))  # first maximum: strict >
+    assert result.best_val_accuracy == max(accuracies)
+    state = train.create_train_state(result.variables, optax.identity(), 0)
+    _, eval_step = train.make_steps(module, optax.identity(), PIPE, config, lambda s: 0.0)
+    replicated, batch_sharding = train.data_parallel()
+    val_batches = ip.dataset(data["validation"], PIPE, train=False)
+    again = train.evaluate(
+        eval_step, jax.device_put(state, replicated), val_batches, batch_sharding
+    )
+    assert again["accuracy"] == pytest.approx(result.best_val_accuracy)
+
+
+class _FailingWriter:
+    """Raises at one epoch, after that epoch's metrics but before its checkpoint."""
+
+    def __init__(self, fail_at: int):
+        self.fail_at = fail_at
+
+    def add_scalar(self, tag, value, epoch):
+        if epoch == self.fail_at:
+            raise KeyboardInterrupt("simulated interruption")
+
+    def flush(self):
+        pass
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(digits_dir, tmp_path):
+    module, variables = small_model()
+    data = splits(digits_dir, "d0")
+    config = dataclasses.replace(FAST, epochs=3)
+    kwargs = {"config": config, "pipeline": PIPE, "progress": False, "seed": 5}
+    whole = train.fit(module, variables, data["train"], data["validation"], **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(module, variables, data["train"], data["validation"],
+                  workdir=tmp_path, writer=_FailingWriter(fail_at=2), **kwargs)  # fmt: skip
+    resumed = train.fit(module, variables, data["train"], data["validation"],
+                        workdir=tmp_path, **kwargs)  # fmt: skip
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert [h["val_accuracy"] for h in resumed.history] == [
+        h["val_accuracy"] for h in whole.history
+    ]
+    jax.tree.map(np.testing.assert_array_equal, resumed.variables, whole.variables)
+
+
+def test_a_step_does_not_recompile(compile_count):
+    module, variables = small_model()
+    tx = train.make_optimizer(FAST, 10)
+    train_step, _ = train.make_steps(module, tx, PIPE, FAST, train.make_schedule(FAST, 10))
+    state = train.create_train_state(variables, tx, 0)
+    rng = np.random.default_rng(0)
+
+    def batch():
+        return {"image": rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
+                "label": rng.integers(0, 10, 32).astype(np.int32)}  # fmt: skip
+
+    state, _ = train_step(state, batch())
+    before = compile_count()
+    for _ in range(3):
+        state, metrics = train_step(state, batch())
+    jax.block_until_ready(metrics)
+    assert compile_count() == before
+    assert int(state.step) == 4
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    module, variables = small_model(dtype="bfloat16")
+    tx = train.make_optimizer(FAST, 10)
+    train_step, _ = train.make_steps(module, tx, PIPE, FAST, train.make_schedule(FAST, 10))
+    state = train.create_train_state(variables, tx, 0)
+    batch = {"image": np.zeros((32, 32, 32, 3), np.uint8), "label": np.zeros(32, np.int32)}
+    state, metrics = train_step(state, batch)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+    assert np.isfinite(float(metrics["loss"]))
