@@ -17,7 +17,7 @@ from tensorboardX import SummaryWriter
 
 from experiments import sources
 from experiments.configs import CONFIG_DIR, expand_config_argument
-from grasp_jax import checkpoints
+from grasp_jax import checkpoints, memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config>).")
@@ -63,7 +63,11 @@ def main(argv: list[str]) -> None:
             f"{bin_name:<12}{meta['best_val_accuracy']:>14.3f}{meta['best_epoch']:>7}"
             f"{meta['seconds']:>9.1f}"
         )
-    print(f"sources in {workdir / 'sources'}; {time.perf_counter() - start:.1f} s")
+    peak = memory.peak_host_memory_bytes()
+    print(
+        f"sources in {workdir / 'sources'}; {time.perf_counter() - start:.1f} s, "
+        f"peak host memory {peak / 2**20 if peak else float('nan'):.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

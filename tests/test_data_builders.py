@@ -46,11 +46,18 @@ def test_clear10_split_layout_excludes_background(tmp_path):
     make_bin(
         tmp_path / "manual", "year_1-2", [*Clear10.CLASS_NAMES, "BACKGROUND"], split=True
     )
-    build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "out",
-          configs=["year_1-2"])  # fmt: skip
+    build(
+        "clear10",
+        manual_dir=tmp_path / "manual",
+        data_dir=tmp_path / "out",
+        configs=["year_1-2"],
+    )
     source = read("clear10/year_1-2", tmp_path / "out")
-    assert {k: len(v) for k, v in source.items()} == {"train": 60, "validation": 20,
-                                                      "test": 20}  # fmt: skip
+    assert {k: len(v) for k, v in source.items()} == {
+        "train": 60,
+        "validation": 20,
+        "test": 20,
+    }
     builder = tfds.builder("clear10/year_1-2", data_dir=str(tmp_path / "out"))
     assert builder.info.features["label"].names == sorted(Clear10.CLASS_NAMES)
     assert builder.info.metadata["domains"] == list(data.clear10.CLEAR_BINS)
@@ -69,8 +76,13 @@ def test_clear10_keep_background_adds_a_class(tmp_path):
     make_bin(
         tmp_path / "manual", "year_3-4", [*Clear10.CLASS_NAMES, "BACKGROUND"], split=False
     )
-    build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "out",
-          configs=["year_3-4"], keep_background=True)  # fmt: skip
+    build(
+        "clear10",
+        manual_dir=tmp_path / "manual",
+        data_dir=tmp_path / "out",
+        configs=["year_3-4"],
+        keep_background=True,
+    )
     builder = tfds.builder(
         "clear10/year_3-4", data_dir=str(tmp_path / "out"), keep_background=True
     )
@@ -83,8 +95,13 @@ def test_clear100_unsplit_layout_is_split_deterministically(tmp_path):
     splits = []
     for run, seed in enumerate((42, 42, 7)):
         out = tmp_path / f"out{run}"
-        build("clear100", manual_dir=tmp_path / "manual", data_dir=out,
-              configs=["year_5-6"], split_seed=seed)  # fmt: skip
+        build(
+            "clear100",
+            manual_dir=tmp_path / "manual",
+            data_dir=out,
+            configs=["year_5-6"],
+            split_seed=seed,
+        )
         source = read("clear100/year_5-6", out)
         splits.append({k: sorted(labels_and_names(v)) for k, v in source.items()})
     assert splits[0] == splits[1]
@@ -99,8 +116,12 @@ def test_clear100_unsplit_layout_is_split_deterministically(tmp_path):
 
 def test_yearbook_labels_are_earlier_and_later_decade(tmp_path):
     make_bin(tmp_path / "manual", "1950s_1960s", PERIODS["1950s_1960s"], split=True)
-    build("yearbook", manual_dir=tmp_path / "manual", data_dir=tmp_path / "out",
-          configs=["1950s_1960s"])  # fmt: skip
+    build(
+        "yearbook",
+        manual_dir=tmp_path / "manual",
+        data_dir=tmp_path / "out",
+        configs=["1950s_1960s"],
+    )
     builder = tfds.builder("yearbook/1950s_1960s", data_dir=str(tmp_path / "out"))
     assert builder.info.features["label"].names == ["1950s", "1960s"]
     source = read("yearbook/1950s_1960s", tmp_path / "out")
@@ -132,8 +153,12 @@ def test_yearbook_labels_are_earlier_and_later_decade(tmp_path):
 def test_bad_manual_directories_name_the_path(tmp_path, make, message):
     make(tmp_path / "manual")
     with pytest.raises(LayoutError, match=message):
-        build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "out",
-              configs=["year_1-2"])  # fmt: skip
+        build(
+            "clear10",
+            manual_dir=tmp_path / "manual",
+            data_dir=tmp_path / "out",
+            configs=["year_1-2"],
+        )
 
 
 def test_corrupt_image_fails_or_is_skipped_and_counted(tmp_path):
@@ -141,10 +166,19 @@ def test_corrupt_image_fails_or_is_skipped_and_counted(tmp_path):
     bad = tmp_path / "manual" / "year_1-2" / "bus" / "img_000.png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated
     with pytest.raises(LayoutError, match=r"bus/img_000.png: not a readable image"):
-        build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "a",
-              configs=["year_1-2"])  # fmt: skip
-    build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "b",
-          configs=["year_1-2"], skip_corrupt=True)  # fmt: skip
+        build(
+            "clear10",
+            manual_dir=tmp_path / "manual",
+            data_dir=tmp_path / "a",
+            configs=["year_1-2"],
+        )
+    build(
+        "clear10",
+        manual_dir=tmp_path / "manual",
+        data_dir=tmp_path / "b",
+        configs=["year_1-2"],
+        skip_corrupt=True,
+    )
     builder = tfds.builder("clear10/year_1-2", data_dir=str(tmp_path / "b"))
     assert builder.info.metadata["skipped_corrupt"] == 1
     assert sum(len(v) for v in read("clear10/year_1-2", tmp_path / "b").values()) == 99
@@ -159,8 +193,10 @@ def test_unknown_data_set_or_config():
 
 def test_digits_drift_partitions_all_images(digits_dir):
     configs = ["pretrain", *data.digits_drift.DOMAINS]
-    sizes = {c: {k: len(v) for k, v in read(f"digits_drift/{c}", digits_dir).items()}
-             for c in configs}  # fmt: skip
+    sizes = {
+        c: {k: len(v) for k, v in read(f"digits_drift/{c}", digits_dir).items()}
+        for c in configs
+    }
     assert sum(sum(s.values()) for s in sizes.values()) == 1797  # sklearn's digits
     assert 590 <= sum(sizes["pretrain"].values()) <= 610  # about a third
     example = read("digits_drift/d0", digits_dir)["train"][0]

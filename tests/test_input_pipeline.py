@@ -118,8 +118,9 @@ def test_jitter_factors_stay_in_range():
         SMALL, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0
     )
     pixels = jax.random.uniform(jax.random.key(1), (2, 4, 4, 3))
-    np.testing.assert_allclose(ip.color_jitter(jax.random.key(2), pixels, nothing), pixels,
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        ip.color_jitter(jax.random.key(2), pixels, nothing), pixels, atol=1e-5
+    )
 
 
 def test_augment_flips_about_half_and_normalises():

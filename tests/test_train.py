@@ -58,8 +58,10 @@ def test_head_gets_ten_times_the_learning_rate():
     # Adam's first step moves each weight by lr * g / (|g| + eps) ~ lr.
     np.testing.assert_allclose(updates["conv0"]["kernel"], -3e-4, rtol=1e-4)
     np.testing.assert_allclose(updates["head"]["kernel"], -3e-3, rtol=1e-4)
-    assert train.head_labels(params) == {"conv0": {"kernel": "backbone"},
-                                         "head": {"kernel": "head"}}  # fmt: skip
+    assert train.head_labels(params) == {
+        "conv0": {"kernel": "backbone"},
+        "head": {"kernel": "head"},
+    }
 
 
 def test_gradients_are_clipped_by_global_norm_before_adam():
@@ -67,9 +69,13 @@ def test_gradients_are_clipped_by_global_norm_before_adam():
     tx = train.make_optimizer(train.TrainConfig(grad_clip_norm=1.0), steps_per_epoch=10)
     grads = {"a": jnp.full(4, 3.0), "head": {"b": jnp.full(4, 4.0)}}  # global norm 10
     _, state = tx.update(grads, tx.init(params), params)
-    first_moments = [s.mu for s in jax.tree.leaves(
-        state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-        if isinstance(s, optax.ScaleByAdamState)]  # fmt: skip
+    first_moments = [
+        s.mu
+        for s in jax.tree.leaves(
+            state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+        )
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     mu = {k: v for m in first_moments for k, v in jax.tree_util.tree_leaves_with_path(m)}
     # Adam's first moment after one step is (1 - b1) * g = 0.1 * g, with g scaled to norm 1.
     got = sorted(
@@ -91,8 +97,15 @@ def splits(digits_dir, name="pretrain"):
 def test_two_epochs_learn_well_above_chance(digits_dir):
     module, variables = small_model()
     data = splits(digits_dir)
-    result = train.fit(module, variables, data["train"], data["validation"],
-                       config=FAST, pipeline=PIPE, progress=False)  # fmt: skip
+    result = train.fit(
+        module,
+        variables,
+        data["train"],
+        data["validation"],
+        config=FAST,
+        pipeline=PIPE,
+        progress=False,
+    )
     assert result.best_val_accuracy >= 0.3  # chance is 0.1; measured 0.41
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -102,8 +115,15 @@ def test_best_variables_are_the_best_epoch(digits_dir):
     module, variables = small_model()
     data = splits(digits_dir, "d1")
     config = dataclasses.replace(FAST, epochs=4)
-    result = train.fit(module, variables, data["train"], data["validation"],
-                       config=config, pipeline=PIPE, progress=False)  # fmt: skip
+    result = train.fit(
+        module,
+        variables,
+        data["train"],
+        data["validation"],
+        config=config,
+        pipeline=PIPE,
+        progress=False,
+    )
     accuracies = [h["val_accuracy"] for h in result.history]
     assert result.best_epoch == int(np.argmax(accuracies))  # first maximum: strict >
     assert result.best_val_accuracy == max(accuracies)
@@ -138,10 +158,18 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digits_dir, tmp_
     kwargs = {"config": config, "pipeline": PIPE, "progress": False, "seed": 5}
     whole = train.fit(module, variables, data["train"], data["validation"], **kwargs)
     with pytest.raises(KeyboardInterrupt):
-        train.fit(module, variables, data["train"], data["validation"],
-                  workdir=tmp_path, writer=_FailingWriter(fail_at=2), **kwargs)  # fmt: skip
-    resumed = train.fit(module, variables, data["train"], data["validation"],
-                        workdir=tmp_path, **kwargs)  # fmt: skip
+        train.fit(
+            module,
+            variables,
+            data["train"],
+            data["validation"],
+            workdir=tmp_path,
+            writer=_FailingWriter(fail_at=2),
+            **kwargs,
+        )
+    resumed = train.fit(
+        module, variables, data["train"], data["validation"], workdir=tmp_path, **kwargs
+    )
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert [h["val_accuracy"] for h in resumed.history] == [
         h["val_accuracy"] for h in whole.history
@@ -157,8 +185,10 @@ def test_a_step_does_not_recompile(compile_count):
     rng = np.random.default_rng(0)
 
     def batch():
-        return {"image": rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
-                "label": rng.integers(0, 10, 32).astype(np.int32)}  # fmt: skip
+        return {
+            "image": rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, 10, 32).astype(np.int32),
+        }
 
     state, _ = train_step(state, batch())
     before = compile_count()
