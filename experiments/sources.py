@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import tensorflow_datasets as tfds
+from tensorboardX import SummaryWriter
 
 from grasp_jax import checkpoints, models, train
 from grasp_jax import input_pipeline as ip
@@ -113,7 +114,8 @@ def train_one(
             "versions": train.library_versions(),
         },
     )
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if jax.process_index() == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 
@@ -149,3 +151,34 @@ def _without(section: ml_collections.ConfigDict, key: str) -> ml_collections.Con
     values = section.to_dict()
     values.pop(key)
     return ml_collections.ConfigDict(values)
+
+
+def train_sources(config, workdir: Path) -> dict[str, dict]:
+    """Trains the missing sources of `config`; returns each bin's metadata."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    # One process writes the event files; every process trains.
+    writer = (
+        SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
+    )
+    try:
+        init = None
+        summary = {}
+        for index, bin_name in enumerate(config.bins):
+            target = source_dir(config, workdir, bin_name)
+            if not checkpoints.is_complete(target):
+                init = init or initial_variables(config, workdir, writer)
+                train_one(
+                    config,
+                    workdir,
+                    bin_name,
+                    bin_name,
+                    config.source_training,
+                    init,
+                    config.seed + 1 + index,
+                    writer,
+                )
+            summary[bin_name] = checkpoints.read_metadata(target)
+        return summary
+    finally:
+        if writer is not None:
+            writer.close()

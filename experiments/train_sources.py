@@ -11,48 +11,38 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
-from tensorboardX import SummaryWriter
 
-from experiments import sources
 from experiments.configs import CONFIG_DIR, expand_config_argument
-from grasp_jax import checkpoints, memory
+from experiments.sources import train_sources
+from grasp_jax import memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config>).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize (auto-detects TPU/SLURM/etc.)."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def train_sources(config, workdir: Path) -> dict[str, dict]:
-    """Trains the missing sources of `config`; returns each bin's metadata."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(workdir / "tensorboard"))
-    try:
-        init = None
-        summary = {}
-        for index, bin_name in enumerate(config.bins):
-            target = sources.source_dir(config, workdir, bin_name)
-            if not checkpoints.is_complete(target):
-                init = init or sources.initial_variables(config, workdir, writer)
-                sources.train_one(
-                    config,
-                    workdir,
-                    bin_name,
-                    bin_name,
-                    config.source_training,
-                    init,
-                    config.seed + 1 + index,
-                    writer,
-                )
-            summary[bin_name] = checkpoints.read_metadata(target)
-        return summary
-    finally:
-        writer.close()
+def initialize_distributed() -> None:
+    """Joins a multi-process job when asked (any of the flags above)."""
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    initialize_distributed()
     config = _CONFIG.value
     workdir = Path(_WORKDIR.value or f"runs/{config.name}")
     start = time.perf_counter()

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from grasp_jax.tree_checks import PyTree, leaves_with_paths
 
@@ -32,17 +33,22 @@ def save_variables(path: str | Path, variables: dict, metadata: dict[str, Any]) 
     """
     path = Path(path).absolute()
     tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    leader = jax.process_index() == 0  # file operations: one process; arrays: all
+    if leader:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    multihost_utils.sync_global_devices(f"grasp_jax save start {path}")
     with ocp.StandardCheckpointer() as checkpointer:
         for item in ITEMS:
             checkpointer.save(tmp / item, variables.get(item, {}))
         checkpointer.wait_until_finished()
-    (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_plain))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    if leader:
+        (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_plain))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    multihost_utils.sync_global_devices(f"grasp_jax save done {path}")
     return path
 
 

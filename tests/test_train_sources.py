@@ -11,7 +11,7 @@ import pytest
 from experiments import sources
 from experiments.configs import expand_config_argument
 from experiments.configs.digits import get_config
-from experiments.train_sources import train_sources
+from experiments.sources import train_sources
 from grasp_jax import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -52,5 +52,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "augment": False,
         }
     )
+    # The experiment (python -m experiments.main).
+    config.methods = ("grasp", "ensemble", "finetune", "target_only")
+    config.targets = ("all",)  # "all": leave-one-out over every bin
+    config.sources = "all"  # "all" other bins (the reference), or "past" bins only
+    config.trials = 3
+    config.grasp = ml_collections.ConfigDict(
+        {
+            "initial_epochs": 3,
+            "finetune_epochs": 3,
+            "learning_rate": 5e-4,  # the reference's 5e-5 is for ImageNet-scale models
+            "weight_decay": 0.01,
+            "num_alignment_batches": 1,
+            "threshold": 0.3,
+            "granularity": "tensor",
+            "mode": "hard",
+            "alignment_current_mode": "train",
+            "augment": False,
+        }
+    )
     config.seed = 0
     return config
