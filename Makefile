@@ -5,10 +5,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format clean
+.PHONY: run test bench format clean
 
-# The main job: until the experiment runner exists, the merge-kernel benchmark.
+# The main job: a whole experiment on the embedded data set (sources, GRASP, baselines,
+# metrics, plots, summary) with the default `digits` config.
 run: $(STAMP)
+	$(BIN)/python -m experiments.main
+
+# The merge-kernel benchmark (README, "Performance").
+bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_kernel.py
 
 # Lint, format check, then the whole test suite (what .ci/run calls).

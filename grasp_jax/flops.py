@@ -21,7 +21,6 @@ def step_flops(model, abstract_variables: dict, pipeline: ip.PipelineConfig) -> 
     """FLOPs of one training step and one evaluation step on a full batch."""
     config = train.TrainConfig(augment=False)
     tx = train.make_optimizer(config, 1)
-    train_step, eval_step = train.make_steps(model, tx, pipeline, config, lambda s: 0.0)
     state = jax.eval_shape(lambda v: train.create_train_state(v, tx, 0), abstract_variables)
     n, size = pipeline.batch_size, pipeline.crop_size
     batch = {
@@ -30,8 +29,10 @@ def step_flops(model, abstract_variables: dict, pipeline: ip.PipelineConfig) -> 
     }
     eval_batch = dict(batch, valid=jax.ShapeDtypeStruct((n,), jnp.float32))
     return {
-        "train_step": compiled_flops(train_step, state, batch),
-        "eval_step": compiled_flops(eval_step, state, eval_batch),
+        "train_step": compiled_flops(
+            train._train_step, model, pipeline, config, 1, state, batch
+        ),
+        "eval_step": compiled_flops(train._eval_step, model, pipeline, state, eval_batch),
         "batch_size": n,
         "params": sum(x.size for x in jax.tree.leaves(abstract_variables["params"])),
     }

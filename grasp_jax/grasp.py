@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from grasp_jax import input_pipeline as ip
 from grasp_jax import train
@@ -70,7 +71,7 @@ class StageStats:
     nonfinite_leaves: int = 0
     val_accuracy_before_merge: float | None = None
     val_accuracy_after_merge: float | None = None
-    val_accuracy_after_finetune: float = 0.0
+    val_accuracy_after_finetune: float | None = None
     history: list[dict] = dataclasses.field(default_factory=list)
 
 
@@ -172,25 +173,30 @@ def run_grasp(
 
     `later_sources` yields `(name, loader)` pairs in merge order; each loader restores one
     source's variables when called (e.g. from Orbax), so only one source is in memory.
+    A stage of 0 epochs skips its fine-tuning (to study the merges alone).
     """
-    stage_kwargs = {"pipeline": pipeline, "progress": progress}
-    fit = train.fit(
-        model,
-        first_source,
-        target["train"],
-        target["validation"],
-        config=config.stage_config(config.initial_epochs),
-        seed=seed,
-        description=f"grasp stage 0 ({first_name})",
-        **stage_kwargs,
-    )
-    current = fit.variables
-    stages = [
-        StageStats(
-            source=first_name,
-            val_accuracy_after_finetune=fit.best_val_accuracy,
-            history=fit.history,
+
+    def finetune(variables, epochs: int, stage_seed: int, label: str):
+        if epochs == 0:
+            return variables, None, []
+        fit = train.fit(
+            model,
+            variables,
+            target["train"],
+            target["validation"],
+            config=config.stage_config(epochs),
+            pipeline=pipeline,
+            seed=stage_seed,
+            progress=progress,
+            description=label,
         )
+        return fit.variables, fit.best_val_accuracy, fit.history
+
+    current, best, history = finetune(
+        first_source, config.initial_epochs, seed, f"grasp stage 0 ({first_name})"
+    )
+    stages = [
+        StageStats(source=first_name, val_accuracy_after_finetune=best, history=history)
     ]
     for stage, (name, load) in enumerate(later_sources, start=1):
         stats = StageStats(source=name)
@@ -214,7 +220,7 @@ def run_grasp(
             model, source, batches, train_mode=False, rng=rng
         )
         merged, merge_stats = merge_step(
-            jax.tree.map(jnp.asarray, current["params"]),
+            jax.tree.map(jnp.array, current["params"]),  # a copy: merge_step consumes it
             source["params"],
             grad_current,
             grad_source,
@@ -234,19 +240,9 @@ def run_grasp(
             stats.val_accuracy_after_merge = validation_accuracy(
                 model, current, target, pipeline
             )
-        fit = train.fit(
-            model,
-            current,
-            target["train"],
-            target["validation"],
-            config=config.stage_config(config.finetune_epochs),
-            seed=seed + stage,
-            description=f"grasp stage {stage} ({name})",
-            **stage_kwargs,
+        current, stats.val_accuracy_after_finetune, stats.history = finetune(
+            current, config.finetune_epochs, seed + stage, f"grasp stage {stage} ({name})"
         )
-        current = fit.variables
-        stats.val_accuracy_after_finetune = fit.best_val_accuracy
-        stats.history = fit.history
         stages.append(stats)
     return GraspResult(variables=current, stages=stages)
 
@@ -257,12 +253,8 @@ def validation_accuracy(model, variables, target, pipeline) -> float:
 
 def predict(model: nn.Module, variables: Variables, source, pipeline) -> dict[str, Any]:
     """Accuracy, logits and labels of `variables` on a split (eval mode)."""
-    import optax
-
     state = train.create_train_state(variables, optax.identity(), 0)
-    _, eval_step = train.make_steps(
-        model, optax.identity(), pipeline, train.TrainConfig(augment=False), lambda s: 0.0
-    )
+    _, eval_step = train.make_steps(model, pipeline, train.TrainConfig(augment=False), 1)
     replicated, batch_sharding = train.data_parallel()
     return train.evaluate(
         eval_step,

@@ -85,9 +85,17 @@ def host_transform(
     example: dict, config: PipelineConfig, rng: np.random.Generator | None
 ) -> dict[str, np.ndarray]:
     """Decode, resize, crop: uint8 [crop, crop, 3] and an int32 label."""
-    image = resize_shorter_side(decode(example["image"]), config.resize_size)
+    image = example["image"]
+    if not (
+        isinstance(image, np.ndarray)
+        and image.ndim == 3
+        and image.shape[-1] == 3
+        and image.dtype == np.uint8
+        and min(image.shape[:2]) == config.resize_size
+    ):  # arrays already at size (e.g. digits_drift) skip PIL entirely
+        image = np.asarray(resize_shorter_side(decode(image), config.resize_size))
     return {
-        "image": crop(np.asarray(image), config.crop_size, rng),
+        "image": crop(image, config.crop_size, rng),
         "label": np.int32(example["label"]),
     }
 

@@ -10,6 +10,7 @@ partitions the same program.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -147,69 +148,86 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_steps(
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=4)
+def _train_step(
     model: nn.Module,
-    tx: optax.GradientTransformation,
     pipeline: ip.PipelineConfig,
     config: TrainConfig,
-    schedule: Callable,
-):
-    """Jitted `train_step(state, batch) -> (state, metrics)` (state donated) and
-    `eval_step(state, batch) -> metrics`. Batches hold uint8 `image` and int `label`;
-    eval batches also a float `valid` mask (padding rows count for nothing)."""
-
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, augment_rng, dropout_rng = jax.random.split(state.rng, 3)
-        if config.augment:
-            images = ip.augment(augment_rng, batch["image"], pipeline)
-        else:
-            images = ip.normalize(batch["image"], pipeline)
-
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": dropout_rng},
-            )
-            return cross_entropy(logits, batch["label"]), (logits, updates)
-
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, param_updates),
-            batch_stats=updates.get("batch_stats", state.batch_stats),
-            opt_state=opt_state,
-            rng=rng,
-        )
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "learning_rate": schedule(state.step),
-        }
-        return new_state, metrics
-
-    def eval_step(state: TrainState, batch: dict) -> dict:
+    steps_per_epoch: int,
+    state: TrainState,
+    batch: dict,
+) -> tuple[TrainState, dict]:
+    """One optimiser step. The hashable (model, pipeline, config, steps_per_epoch) are
+    static, so every run with the same setup reuses one compiled program."""
+    schedule = make_schedule(config, steps_per_epoch)
+    tx = make_optimizer(config, steps_per_epoch)
+    rng, augment_rng, dropout_rng = jax.random.split(state.rng, 3)
+    if config.augment:
+        images = ip.augment(augment_rng, batch["image"], pipeline)
+    else:
         images = ip.normalize(batch["image"], pipeline)
-        logits = model.apply(
-            {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
-        )
-        labels, valid = batch["label"], batch["valid"]
-        losses = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), labels
-        )
-        return {
-            "loss_sum": jnp.sum(losses * valid),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * valid),
-            "count": jnp.sum(valid),
-            "logits": logits.astype(jnp.float32),
-        }
 
-    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
+        )
+        return cross_entropy(logits, batch["label"]), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, param_updates),
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state=opt_state,
+        rng=rng,
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "learning_rate": schedule(state.step),
+    }
+    return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_step(
+    model: nn.Module, pipeline: ip.PipelineConfig, state: TrainState, batch: dict
+) -> dict:
+    """Sums over the batch's valid rows (padding rows count for nothing), and logits."""
+    images = ip.normalize(batch["image"], pipeline)
+    logits = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+    labels, valid = batch["label"], batch["valid"]
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels
+    )
+    return {
+        "loss_sum": jnp.sum(losses * valid),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * valid),
+        "count": jnp.sum(valid),
+        "logits": logits.astype(jnp.float32),
+    }
+
+
+def make_steps(
+    model: nn.Module, pipeline: ip.PipelineConfig, config: TrainConfig, steps_per_epoch: int
+):
+    """`train_step(state, batch) -> (state, metrics)` (state donated) and
+    `eval_step(state, batch) -> metrics`, jitted. Batches hold uint8 `image` and int
+    `label`; eval batches also a float `valid` mask (see `pad_batch`). The optimiser is
+    `make_optimizer(config, steps_per_epoch)`, built inside the compiled step."""
+    return (
+        functools.partial(_train_step, model, pipeline, config, steps_per_epoch),
+        functools.partial(_eval_step, model, pipeline),
+    )
 
 
 def data_parallel() -> tuple[jax.sharding.NamedSharding, jax.sharding.NamedSharding]:
@@ -313,7 +331,7 @@ def fit(
     # The state is donated step after step: copy, so the caller's variables survive.
     own = jax.tree.map(lambda x: jnp.array(x, copy=True), variables)
     state = jax.device_put(create_train_state(own, tx, seed), replicated)
-    train_step, eval_step = make_steps(model, tx, pipeline, config, schedule)
+    train_step, eval_step = make_steps(model, pipeline, config, steps_per_epoch)
 
     best = {"accuracy": -math.inf, "epoch": -1, "variables": None}
     history: list[dict] = []

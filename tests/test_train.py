@@ -128,7 +128,7 @@ def test_best_variables_are_the_best_epoch(digits_dir):
     assert result.best_epoch == int(np.argmax(accuracies))  # first maximum: strict >
     assert result.best_val_accuracy == max(accuracies)
     state = train.create_train_state(result.variables, optax.identity(), 0)
-    _, eval_step = train.make_steps(module, optax.identity(), PIPE, config, lambda s: 0.0)
+    _, eval_step = train.make_steps(module, PIPE, config, 1)
     replicated, batch_sharding = train.data_parallel()
     val_batches = ip.dataset(data["validation"], PIPE, train=False)
     again = train.evaluate(
@@ -180,7 +180,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digits_dir, tmp_
 def test_a_step_does_not_recompile(compile_count):
     module, variables = small_model()
     tx = train.make_optimizer(FAST, 10)
-    train_step, _ = train.make_steps(module, tx, PIPE, FAST, train.make_schedule(FAST, 10))
+    train_step, _ = train.make_steps(module, PIPE, FAST, 10)
     state = train.create_train_state(variables, tx, 0)
     rng = np.random.default_rng(0)
 
@@ -202,7 +202,7 @@ def test_a_step_does_not_recompile(compile_count):
 def test_bfloat16_compute_keeps_float32_parameters():
     module, variables = small_model(dtype="bfloat16")
     tx = train.make_optimizer(FAST, 10)
-    train_step, _ = train.make_steps(module, tx, PIPE, FAST, train.make_schedule(FAST, 10))
+    train_step, _ = train.make_steps(module, PIPE, FAST, 10)
     state = train.create_train_state(variables, tx, 0)
     batch = {"image": np.zeros((32, 32, 32, 3), np.uint8), "label": np.zeros(32, np.int32)}
     state, metrics = train_step(state, batch)

@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pretrain = ml_collections.ConfigDict(
         {
             "config": "pretrain",
-            "epochs": 20,
+            "epochs": 10,
             "learning_rate": 1e-3,
             "head_lr_multiplier": 1.0,
             "weight_decay": 0.01,
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.source_training = ml_collections.ConfigDict(
         {
-            "epochs": 15,
+            "epochs": 10,
             "learning_rate": 1e-3,
             "head_lr_multiplier": 10.0,
             "weight_decay": 0.01,

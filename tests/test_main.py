@@ -1,0 +1,154 @@
+"""The experiment runner end to end at CI size: every method, outputs, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import main
+from experiments.configs.digits import get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {
+    "accuracy",
+    "precision",
+    "recall",
+    "f1_score",
+    "auroc",
+    "confusion_matrix",
+    "precision_macro",
+    "recall_macro",
+    "f1_score_macro",
+    "auroc_macro",
+}
+
+
+def tiny_config(digits_dir):
+    """One epoch per stage, three bins, one target: every code path, in seconds."""
+    config = get_config()
+    config.data_dir = str(digits_dir)
+    config.bins = ("d0", "d1", "d2")
+    config.targets = ("d2",)
+    config.trials = 2
+    config.pretrain.epochs = 1
+    config.source_training.epochs = 1
+    config.grasp.initial_epochs = 1
+    config.grasp.finetune_epochs = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def experiment(digits_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config(digits_dir)
+    summary = main.run_experiment(config, workdir, progress=False)
+    return config, workdir, summary
+
+
+def test_every_method_writes_its_files(experiment):
+    config, workdir, _ = experiment
+    results = workdir / "results" / "digits_drift"
+    for method in config.methods:
+        for trial in (1, 2):
+            run = results / main.run_name(config, "d2", method, trial)
+            record = json.loads((run / "metrics.json").read_text())
+            assert record == json.loads((run / "config.json").read_text())
+            assert record["method"] == method and record["target"] == "d2"
+            assert record["sources"] == ["d0", "d1"] and record["trial"] == trial
+            assert (
+                set(record["test_metrics"]) >= METRIC_KEYS
+                and set(record["val_metrics"]) >= METRIC_KEYS
+            )
+            assert len(record["test_metrics"]["confusion_matrix"]) == 10
+            assert record["flops"]["total_gflops"] > 0
+            assert json.loads((run / "flops_report.json").read_text()) == record["flops"]
+            profile = json.loads((run / "memory_profile.json").read_text())
+            assert profile["peak"]["host_peak_mb"] > 0
+            assert (run / "confusion_matrices" / "test_confusion_matrix.png").stat().st_size
+            if method != "ensemble":
+                assert (run / "training_curves.png").exists()
+    grasp_run = json.loads(
+        (results / "small_cnn_d2_grasp_30_trial1" / "metrics.json").read_text()
+    )
+    (stage,) = grasp_run["transfer_history"]
+    assert stage["source"] == "d1" and 0 <= stage["fraction"] <= 1
+    assert set(grasp_run["flops"]) >= {
+        "initial_training_gflops",
+        "alignment_gflops_total",
+        "transfer_gflops_total",
+        "finetune_gflops_total",
+    }
+
+
+def test_seeds_differ_per_trial_and_are_recorded(experiment):
+    config, workdir, _ = experiment
+    results = workdir / "results" / "digits_drift"
+    seeds = {
+        json.loads(
+            (results / main.run_name(config, "d2", m, t) / "metrics.json").read_text()
+        )["seed"]
+        for m in config.methods
+        for t in (1, 2)
+    }
+    assert len(seeds) == 2 * len(config.methods)
+
+
+def test_summary_has_each_method(experiment):
+    config, workdir, summary = experiment
+    on_disk = json.loads((workdir / "results/digits_drift/summary.json").read_text())
+    for method in config.methods:
+        entry = on_disk["methods"][method]
+        assert entry["n_runs"] == 2
+        assert set(entry) >= {"test_accuracy_mean", "test_accuracy_std", "per_target"}
+        assert entry["per_target"]["d2"]["n_runs"] == 2
+    assert (workdir / "results/digits_drift/summary.md").read_text().startswith("# digits")
+    assert (workdir / "results/digits_drift/summary.png").exists()
+    assert on_disk["methods"] == summary["methods"]
+
+
+def test_rerun_resumes_only_unfinished_runs(experiment):
+    config, workdir, _ = experiment
+    results = workdir / "results" / "digits_drift"
+    crashed = results / main.run_name(config, "d2", "finetune", 2) / "metrics.json"
+    kept = results / main.run_name(config, "d2", "grasp", 1) / "metrics.json"
+    stamp = kept.stat().st_mtime_ns
+    crashed.unlink()  # as if the process died before finishing this run
+    main.run_experiment(config, workdir, progress=False)
+    assert crashed.exists() and kept.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("methods", ("grasp", "fusion"), r"unknown method\(s\) \['fusion'\]; choose from"),
+        ("targets", ("d9",), r"unknown target\(s\) \['d9'\]; the bins are"),
+        ("sources", "future", "use 'all' or 'past'"),
+    ],
+)
+def test_bad_experiment_keys_list_the_valid_ones(key, value, message):
+    config = get_config()
+    setattr(config, key, value)
+    with pytest.raises(main.ConfigError, match=message):
+        main.check_config(config)
+
+
+def test_unknown_config_key_is_rejected_on_the_command_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.main", "--config=digits", "--config.nope=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "nope" in result.stderr
+
+
+def test_past_sources_only_use_earlier_bins():
+    config = get_config()
+    config.sources = "past"
+    assert main.source_bins(config, "d2") == ["d0", "d1"]
+    assert main.source_bins(config, "d0") == []
