@@ -122,8 +122,3 @@ def _compare(target: PyTree, stored: PyTree, where: str, item: str) -> None:
             f"unexpected {unexpected[:5]}, shape mismatches {reshaped[:5]}. Was it "
             "trained with another model or number of classes?"
         )
-
-
-def abstract_like(variables: dict) -> dict:
-    """ShapeDtypeStructs of `variables` (for a restore target)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)

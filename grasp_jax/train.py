@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -468,8 +467,3 @@ def library_versions() -> dict[str, str]:
         "optax": optax_module.__version__,
         "orbax": ocp.__version__ if hasattr(ocp, "__version__") else "unknown",
     }
-
-
-def dumps(obj: Any) -> str:
-    """JSON with NumPy scalars converted."""
-    return json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o))

@@ -153,3 +153,12 @@ def test_shard_batch_places_the_batch_axis():
     out = ip.shard_batch(batch, sharding)
     assert out["image"].sharding == sharding and out["image"].shape == (4, 2, 2, 3)
     np.testing.assert_array_equal(out["label"], np.arange(4))
+
+
+def test_iterate_in_thread_yields_the_dataset():
+    source = fake_source(8)
+    direct = batches(source, train=True, seed=2)
+    through = list(ip.iterate(ip.dataset(source, SMALL, train=True, seed=2)))
+    assert len(through) == len(direct) == 2
+    for a, b in zip(through, direct, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
