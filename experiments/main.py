@@ -147,23 +147,9 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
                     results.append(_load(out_dir, method))
                     continue
                 seed = hash_seed(config.seed, t_index * 100 + m_index, trial)
-                results.append(
-                    run_one(
-                        config,
-                        workdir,
-                        out_dir,
-                        target,
-                        bins,
-                        splits,
-                        method,
-                        trial,
-                        seed,
-                        class_names,
-                        step,
-                        merge,
-                        progress,
-                    )
-                )
+                ctx = methods.Context(config, workdir, target, bins, splits, seed, progress)
+                record = run_one(ctx, out_dir, method, trial, class_names, step, merge)
+                results.append(record)
     summary = report.summarize(results)
     summary["config"] = config.to_dict()
     summary["seconds"] = time.perf_counter() - start
@@ -183,24 +169,18 @@ def _load(out_dir: Path, method: str) -> dict:
 
 
 def run_one(
-    config,
-    workdir,
-    out_dir,
-    target,
-    bins,
-    splits,
-    method,
-    trial,
-    seed,
-    class_names,
-    step,
-    merge,
-    progress,
+    ctx: methods.Context,
+    out_dir: Path,
+    method: str,
+    trial: int,
+    class_names: list[str],
+    step: dict,
+    merge: float,
 ) -> dict:
     """One (target, method, trial): run, evaluate, write every result file."""
+    config, target, bins, splits = ctx.config, ctx.target, ctx.source_bins, ctx.splits
     checkpoints: dict = {}
     memory_checkpoint(checkpoints, "experiment_start")
-    ctx = methods.Context(config, workdir, target, bins, splits, seed, progress)
     start = time.perf_counter()
     result = methods.RUNNERS[method](ctx)
     seconds = time.perf_counter() - start
@@ -212,7 +192,7 @@ def run_one(
         "trial": trial,
         "model": config.model,
         "method": method,
-        "seed": seed,
+        "seed": ctx.seed,
         "val_metrics": metrics.classification_metrics(
             result.val["logits"], result.val["labels"]
         ),

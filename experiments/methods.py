@@ -13,11 +13,10 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from experiments import sources as src
-from grasp_jax import grasp, models, train
+from grasp_jax import grasp, train
 
 METHODS = ("grasp", "ensemble", "finetune", "target_only")
 
@@ -147,14 +146,7 @@ def run_finetune(ctx: Context) -> MethodResult:
 
 def run_target_only(ctx: Context) -> MethodResult:
     config = ctx.config
-    size = config.pipeline.crop_size
-    fresh = models.init(
-        config.model,
-        config.num_classes,
-        jax.random.PRNGKey(ctx.seed),
-        (1, size, size, 3),
-        **config.model_overrides.to_dict(),
-    )
+    fresh = src.fresh_variables(config, ctx.seed)
     section = src.train_config(config.source_training)
     fit = train.fit(
         ctx.model,

@@ -48,21 +48,24 @@ def train_config(section: ml_collections.ConfigDict) -> train.TrainConfig:
     return train.TrainConfig(**section.to_dict())
 
 
+def fresh_variables(config: ml_collections.ConfigDict, seed: int) -> dict:
+    """A newly initialised model of the config (the start of pretraining, target_only)."""
+    size = config.pipeline.crop_size
+    return models.init(
+        config.model,
+        config.num_classes,
+        jax.random.PRNGKey(seed),
+        (1, size, size, 3),
+        **config.model_overrides.to_dict(),
+    )
+
+
 def model_and_abstract(config: ml_collections.ConfigDict):
     """The module and the shapes of its variables (no memory spent on an init)."""
-    overrides = config.model_overrides.to_dict()
-    size = config.pipeline.crop_size
-    module = models.create(config.model, config.num_classes, **overrides)
-    abstract = jax.eval_shape(
-        lambda: models.init(
-            config.model,
-            config.num_classes,
-            jax.random.PRNGKey(0),
-            (1, size, size, 3),
-            **overrides,
-        )
+    module = models.create(
+        config.model, config.num_classes, **config.model_overrides.to_dict()
     )
-    return module, abstract
+    return module, jax.eval_shape(lambda: fresh_variables(config, 0))
 
 
 def source_dir(config: ml_collections.ConfigDict, workdir: Path, bin_name: str) -> Path:
@@ -126,14 +129,7 @@ def initial_variables(config, workdir: Path, writer) -> dict:
         return checkpoints.restore_variables(config.init, abstract, name="init")
     name = "_pretrained"
     if not checkpoints.is_complete(source_dir(config, workdir, name)):
-        size = config.pipeline.crop_size
-        fresh = models.init(
-            config.model,
-            config.num_classes,
-            jax.random.PRNGKey(config.seed),
-            (1, size, size, 3),
-            **config.model_overrides.to_dict(),
-        )
+        fresh = fresh_variables(config, config.seed)
         train_one(
             config,
             workdir,
