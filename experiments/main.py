@@ -9,6 +9,7 @@ Ends with `results/<dataset>/summary.{json,md,png}` and prints the table.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
             for trial in range(1, config.trials + 1):
                 out_dir = results_dir / run_name(config, target, method, trial)
                 if (out_dir / "metrics.json").exists():
-                    results.append(_load(out_dir, method))
+                    results.append(_load_finished(out_dir, method, config))
                     continue
                 seed = hash_seed(config.seed, t_index * 100 + m_index, trial)
                 ctx = methods.Context(config, workdir, target, bins, splits, seed, progress)
@@ -160,10 +161,29 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
     return summary
 
 
-def _load(out_dir: Path, method: str) -> dict:
-    import json
+def method_hyperparameters(config, method: str) -> dict:
+    """The settings a method's result depends on, recorded with every run."""
+    if method in ("grasp", "finetune"):
+        return config.grasp.to_dict()
+    if method == "target_only":
+        return config.source_training.to_dict()
+    return {}
 
+
+def _load_finished(out_dir: Path, method: str, config) -> dict:
+    """A finished run, reused only if it ran with the current settings: result folders
+    are named as the reference's (threshold only), so other settings would collide."""
     record = json.loads((out_dir / "metrics.json").read_text())
+    expected = method_hyperparameters(config, method)
+    if record.get("hyperparameters") != expected:
+        stored = record.get("hyperparameters", {})
+        differ = sorted(
+            k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k)
+        )
+        raise ConfigError(
+            f"{out_dir} holds a finished run with other settings ({differ}); "
+            "use another --workdir for this configuration, or delete that folder."
+        )
     record["method_label"] = method
     return record
 
@@ -201,13 +221,7 @@ def run_one(
         ),
         "total_time_seconds": seconds,
         "total_time_minutes": seconds / 60,
-        "hyperparameters": (
-            config.grasp.to_dict()
-            if method in ("grasp", "finetune")
-            else config.source_training.to_dict()
-            if method == "target_only"
-            else {}
-        ),
+        "hyperparameters": method_hyperparameters(config, method),
         "dataset_sizes": {
             f"n_{k}_samples": len(v)
             for k, v in (

@@ -121,6 +121,14 @@ def test_rerun_resumes_only_unfinished_runs(experiment):
     assert crashed.exists() and kept.stat().st_mtime_ns == stamp
 
 
+def test_finished_runs_with_other_settings_are_not_reused(experiment):
+    config, workdir, _ = experiment
+    changed = config.copy_and_resolve_references()
+    changed.grasp.granularity = "channel"
+    with pytest.raises(main.ConfigError, match=r"other settings \(\['granularity'\]\)"):
+        main.run_experiment(changed, workdir, progress=False)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
