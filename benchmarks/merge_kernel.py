@@ -147,17 +147,14 @@ def time_merge_step(trees_np, reps: int, **kwargs) -> list[float]:
 
 def xla_bytes_accessed(trees_np) -> float:
     """Bytes the compiled merge program touches, by XLA's own cost analysis."""
+    from grasp_jax.flops import cost_analysis
     from grasp_jax.merge import _merge_program
 
     abstract = [
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t) for t in trees_np
     ]
-    compiled = _merge_program.lower(
-        *abstract, 0.3, 1e-8, granularity="tensor", mode="hard"
-    ).compile()
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, list) else analysis
-    return float(analysis["bytes accessed"])
+    lowered = _merge_program.lower(*abstract, 0.3, 1e-8, granularity="tensor", mode="hard")
+    return float(cost_analysis(lowered)["bytes accessed"])
 
 
 def time_reference(trees_np, reps: int) -> list[float]:

@@ -65,16 +65,9 @@ def run_name(config, target: str, method: str, trial: int) -> str:
 
 
 def memory_checkpoint(log: dict, name: str) -> None:
-    status = Path("/proc/self/status")
-    current = None
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                current = int(line.split()[1]) / 1024
-    peak = memory.peak_host_memory_bytes()
     log[name] = {
-        "host_rss_mb": current,
-        "host_peak_mb": peak / 2**20 if peak else None,
+        "host_rss_mb": _mb(memory.current_host_memory_bytes()),
+        "host_peak_mb": _mb(memory.peak_host_memory_bytes()),
         "device_peak_mb": _mb(memory.peak_device_memory_bytes()),
     }
 

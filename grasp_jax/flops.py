@@ -10,11 +10,15 @@ from grasp_jax import input_pipeline as ip
 from grasp_jax import train
 
 
+def cost_analysis(lowered) -> dict:
+    """XLA's cost analysis of a lowered program (some versions wrap it in a list)."""
+    analysis = lowered.compile().cost_analysis()
+    return analysis[0] if isinstance(analysis, list) else analysis
+
+
 def compiled_flops(jitted, *args) -> float:
     """FLOPs of one call of `jitted` on (abstract) `args`, per XLA."""
-    analysis = jitted.lower(*args).compile().cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, list) else analysis
-    return float(analysis.get("flops", 0.0))
+    return float(cost_analysis(jitted.lower(*args)).get("flops", 0.0))
 
 
 def step_flops(model, abstract_variables: dict, pipeline: ip.PipelineConfig) -> dict:
@@ -45,6 +49,4 @@ def merge_flops(abstract_params) -> float:
     lowered = _merge_program.lower(
         *[abstract_params] * 4, 0.3, 1e-8, granularity="tensor", mode="hard"
     )
-    result = lowered.compile().cost_analysis()
-    result = result[0] if isinstance(result, list) else result
-    return float(result.get("flops", 0.0))
+    return float(cost_analysis(lowered).get("flops", 0.0))

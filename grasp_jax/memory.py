@@ -7,18 +7,28 @@ from pathlib import Path
 import jax
 
 
-def peak_host_memory_bytes() -> int | None:
-    """VmHWM from /proc/self/status (Linux): this process's own peak resident memory.
-
-    Not `ru_maxrss`, which a child inherits across fork+exec. None where /proc is absent.
-    """
+def _status_bytes(field: str) -> int | None:
+    """A /proc/self/status memory field (Linux, in KiB) as bytes; None elsewhere."""
     status = Path("/proc/self/status")
     if not status.exists():
         return None
     for line in status.read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return None
+
+
+def peak_host_memory_bytes() -> int | None:
+    """VmHWM: this process's own peak resident memory.
+
+    Not `ru_maxrss`, which a child inherits across fork+exec. None where /proc is absent.
+    """
+    return _status_bytes("VmHWM")
+
+
+def current_host_memory_bytes() -> int | None:
+    """VmRSS: this process's resident memory now."""
+    return _status_bytes("VmRSS")
 
 
 def peak_device_memory_bytes() -> int | None:
