@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench format clean
+.PHONY: run test test-all bench throughput format clean
 
 # The main job: a whole experiment on the embedded data set (sources, GRASP, baselines,
 # metrics, plots, summary) with the default `digits` config.
@@ -16,10 +16,18 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_kernel.py
 
-# Lint, format check, then the whole test suite (what .ci/run calls).
+# Training/eval images per second of the model zoo, JAX vs PyTorch (README, "Model zoo").
+throughput: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+# Lint, format check, then the test suite without the `slow` full-size versions (what
+# .ci/run calls); `make test-all` runs those too.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest
 
 format: $(STAMP)
@@ -31,7 +39,7 @@ $(STAMP): setup.cfg pyproject.toml
 	  { echo "grasp-jax needs Python >= 3.11 (jax 0.10 does); set PYTHON=python3.11 or newer"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,torch]'
 	touch $(STAMP)
 
 clean:

@@ -122,9 +122,24 @@ def train_one(
     return result
 
 
+def imported_weights_dir(config, workdir: Path) -> Path:
+    """Where `config.init = "imagenet"` finds the imported pretrained weights."""
+    return Path(workdir) / "init" / config.model
+
+
 def initial_variables(config, workdir: Path, writer) -> dict:
     """The shared starting point of every source: cached pretraining or a checkpoint."""
     _, abstract = model_and_abstract(config)
+    if config.init == "imagenet":
+        path = imported_weights_dir(config, workdir)
+        if not checkpoints.is_complete(path):
+            raise FileNotFoundError(
+                f"no imported weights for {config.model} in {path}. Download the official "
+                "ImageNet weights, then run `python -m experiments.import_weights "
+                f"--model={config.model} --weights=PATH --num_classes={config.num_classes} "
+                f"--out={path}` (README: 'Starting from pretrained weights')"
+            )
+        return checkpoints.restore_variables(path, abstract, name="init")
     if config.init != "pretrain":
         return checkpoints.restore_variables(config.init, abstract, name="init")
     name = "_pretrained"

@@ -48,7 +48,10 @@ def test_config_names_resolve_and_unknown_ones_list_the_choices():
     (arg,) = expand_config_argument(["--config=digits:x"])
     assert arg.endswith("experiments/configs/digits.py:x")
     assert expand_config_argument(["--config=my/own.py"]) == ["--config=my/own.py"]
-    with pytest.raises(SystemExit, match="unknown config 'clear1000'; available: digits"):
+    with pytest.raises(
+        SystemExit,
+        match="unknown config 'clear1000'; available: clear10, clear100, digits, yearbook",
+    ):
         expand_config_argument(["--config=clear1000"])
 
 

@@ -5,15 +5,25 @@ collections, so the merge kernels only ever see parameters.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from grasp_jax.models.efficientnet import EfficientNetB1
+from grasp_jax.models.mobilevit import XS, XXS, MobileViT
+from grasp_jax.models.resnet import ResNet50
 from grasp_jax.models.small_cnn import SmallCNN
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {"small_cnn": SmallCNN}
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "efficientnet_b1": EfficientNetB1,
+    "mobilevit_xs": functools.partial(MobileViT, **XS),
+    "mobilevit_xxs": functools.partial(MobileViT, **XXS),
+    "resnet50": ResNet50,
+    "small_cnn": SmallCNN,
+}
 
 
 def names() -> list[str]:
@@ -42,4 +52,5 @@ def init(
     Wrap in `jax.eval_shape` for shapes only (no memory spent on a throwaway init).
     """
     module = create(name, num_classes, **overrides)
-    return module.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+    # Jitted: op-by-op initialisation of a deep model compiles hundreds of tiny programs.
+    return jax.jit(lambda key: module.init(key, jnp.zeros(input_shape), train=False))(rng)

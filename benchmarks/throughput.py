@@ -1,0 +1,199 @@
+"""Benchmark: training and evaluation images/s of the model zoo, JAX against PyTorch.
+
+One run measures, side by side on the same CPU, same batch and image size, float32:
+- JAX: a jitted, donating step (forward, cross-entropy, backward, AdamW) of our Flax
+  model, and a jitted eval forward;
+- PyTorch: the same step with the transformers model (`torch.optim.AdamW`), and an
+  eval forward under `torch.inference_mode`, once with the default allocator and once
+  with glibc tuned (`GLIBC_TUNABLES`, which makes PyTorch's CPU training 1.5-2.5x faster
+  on this machine); JAX is compared with the faster of the two.
+
+Each measurement runs in its own process (glibc reads its tunables at start-up; nothing
+else is shared). Steps are timed after warm-up (compilation, allocator growth); the
+median step counts.
+
+    python benchmarks/throughput.py [--models resnet50 ...] [--batch 16] [--size 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ["mobilevit_xxs", "mobilevit_xs", "efficientnet_b1", "resnet50"]
+NUM_CLASSES = 10
+GLIBC_TUNED = (
+    "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=17179869184"
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _median_seconds(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_jax(name: str, batch: int, size: int, warmup: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from grasp_jax import models
+
+    module = models.create(name, NUM_CLASSES)
+    variables = models.init(name, NUM_CLASSES, jax.random.key(0), (1, size, size, 3))
+    optimizer = optax.adamw(1e-4, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch))
+
+    def train_step(state, images, labels, key):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(params):
+            logits, updates = module.apply(
+                {"params": params, "batch_stats": batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": key},
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, updates["batch_stats"]
+
+        grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state
+
+    train = jax.jit(train_step, donate_argnums=0)
+    evaluate = jax.jit(lambda v, x: module.apply(v, x, train=False))
+    params = variables["params"]
+    state = [(params, variables["batch_stats"], optimizer.init(params))]
+    key = jax.random.key(1)
+
+    def one_train_step():
+        state[0] = train(state[0], images, labels, key)
+        jax.block_until_ready(state[0])
+
+    train_s = _median_seconds(one_train_step, warmup, steps)
+    params, batch_stats, _ = state[0]
+    frozen = {"params": params, "batch_stats": batch_stats}
+    eval_s = _median_seconds(
+        lambda: jax.block_until_ready(evaluate(frozen, images)), warmup, steps
+    )
+    return {"train": batch / train_s, "eval": batch / eval_s}
+
+
+def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from tests.torch_models import hf_model
+
+    torch.manual_seed(0)
+    model = hf_model(name, NUM_CLASSES)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.randint(0, NUM_CLASSES, (batch,))
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(images).logits
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        optimizer.step()
+
+    def eval_step():
+        model.eval()
+        with torch.inference_mode():
+            model(images)
+
+    train_s = _median_seconds(train_step, warmup, steps)
+    eval_s = _median_seconds(eval_step, warmup, steps)
+    return {"train": batch / train_s, "eval": batch / eval_s}
+
+
+def _run_worker(framework: str, name: str, args, tuned: bool) -> dict:
+    env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    if tuned:
+        env["GLIBC_TUNABLES"] = GLIBC_TUNED
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        framework,
+        "--models",
+        name,
+        "--batch",
+        str(args.batch),
+        "--size",
+        str(args.size),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{framework} worker for {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        measure = measure_jax if args.worker == "jax" else measure_torch
+        result = measure(args.models[0], args.batch, args.size, args.warmup, args.steps)
+        print(json.dumps(result))
+        return
+
+    print(
+        f"float32, batch {args.batch}, {args.size}x{args.size}, median of {args.steps} "
+        f"steps after {args.warmup} warm-up; {os.cpu_count()} CPUs; images/s (higher is "
+        "better)"
+    )
+    header = (
+        "| model | JAX train | PyTorch train (default / tuned) | train ratio "
+        "| JAX eval | PyTorch eval (default / tuned) | eval ratio |"
+    )
+    print(header)
+    print("|" + "---|" * 7)
+    for name in args.models:
+        ours = _run_worker("jax", name, args, tuned=False)
+        default = _run_worker("torch", name, args, tuned=False)
+        tuned = _run_worker("torch", name, args, tuned=True)
+        best_train = max(default["train"], tuned["train"])
+        best_eval = max(default["eval"], tuned["eval"])
+        train = f"{default['train']:.1f} / {tuned['train']:.1f}"
+        evaluation = f"{default['eval']:.1f} / {tuned['eval']:.1f}"
+        print(
+            f"| {name} | {ours['train']:.1f} | {train} | {ours['train'] / best_train:.2f}x "
+            f"| {ours['eval']:.1f} | {evaluation} | {ours['eval'] / best_eval:.2f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Import PyTorch weights (official ImageNet ones, or the reference's checkpoints) into a
+grasp-jax checkpoint folder that configs start from (`config.init`).
+
+    python -m experiments.import_weights --model=resnet50 \\
+        --weights=resnet50-11ad3fa6.pth --num_classes=30 --out=runs/clear100/init/resnet50
+
+`--weights`: an HF model directory (`save_pretrained` / hub snapshot), a `.safetensors`,
+`.bin`, `.pth` or Lightning `.ckpt` file. When `--num_classes` differs from the
+checkpoint's head, the head is replaced by a fresh one (ImageNet's 1000 classes -> the
+data set's); otherwise it is kept, and a head of another size is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+from grasp_jax import checkpoints, interop
+
+_MODEL = flags.DEFINE_enum("model", None, sorted(interop.LAYOUTS), "Zoo model name.")
+_WEIGHTS = flags.DEFINE_string("weights", None, "PyTorch weights (file or HF directory).")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the new head.")
+_OUT = flags.DEFINE_string("out", None, "Checkpoint folder to write.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of a new head's initialisation.")
+flags.mark_flags_as_required(["model", "weights", "num_classes", "out"])
+
+
+def import_weights(model: str, weights: str, num_classes: int, out: str, seed: int = 0):
+    """Imports `weights` for `model` with a `num_classes` head and saves them at `out`."""
+    drop_head = interop.checkpoint_num_classes(model, weights) != num_classes
+    variables = interop.import_torch(
+        model,
+        weights,
+        num_classes=num_classes,
+        drop_head=drop_head,
+        rng=jax.random.key(seed),
+    )
+    metadata = {
+        "model": model,
+        "num_classes": num_classes,
+        "imported_from": str(Path(weights).absolute()),
+        "new_head": drop_head,
+    }
+    return checkpoints.save_variables(out, variables, metadata), drop_head
+
+
+def main(argv):
+    del argv
+    path, new_head = import_weights(
+        _MODEL.value, _WEIGHTS.value, _NUM_CLASSES.value, _OUT.value, _SEED.value
+    )
+    head = "a new head" if new_head else "the checkpoint's head"
+    print(f"wrote {path} ({_MODEL.value}, {_NUM_CLASSES.value} classes, {head})")
+
+
+if __name__ == "__main__":
+    app.run(main)
