@@ -211,7 +211,9 @@ def load_state_dict(source) -> tuple[dict[str, np.ndarray], str]:
         )
     if isinstance(source, Mapping) and isinstance(source.get("state_dict"), Mapping):
         source = source["state_dict"]  # a Lightning checkpoint
-    if not isinstance(source, Mapping) or not source:
+    if isinstance(source, Mapping) and not source:
+        raise InteropError(f"{origin}: an empty state dict")
+    if not isinstance(source, Mapping):
         raise InteropError(
             f"{origin}: expected a state dict (a mapping of names to tensors) or a "
             f"Lightning checkpoint holding one, got {type(source).__name__}"

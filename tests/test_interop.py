@@ -188,6 +188,8 @@ def test_unreadable_files_name_the_file_and_the_problem(tmp_path):
 def test_unknown_layout_and_model_are_errors():
     with pytest.raises(interop.InteropError, match="unrecognised state dict layout"):
         interop.import_torch("resnet50", {"encoder.weight": np.zeros(3, np.float32)})
+    with pytest.raises(interop.InteropError, match="an empty state dict"):
+        interop.import_torch("resnet50", {})
     with pytest.raises(
         interop.InteropError, match="no PyTorch layout for model 'small_cnn'"
     ):
