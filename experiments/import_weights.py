@@ -48,9 +48,12 @@ def import_weights(model: str, weights: str, num_classes: int, out: str, seed: i
 
 def main(argv):
     del argv
-    path, new_head = import_weights(
-        _MODEL.value, _WEIGHTS.value, _NUM_CLASSES.value, _OUT.value, _SEED.value
-    )
+    try:
+        path, new_head = import_weights(
+            _MODEL.value, _WEIGHTS.value, _NUM_CLASSES.value, _OUT.value, _SEED.value
+        )
+    except interop.InteropError as error:  # a bad checkpoint: the message, no traceback
+        raise SystemExit(f"import_weights: {error}") from None
     head = "a new head" if new_head else "the checkpoint's head"
     print(f"wrote {path} ({_MODEL.value}, {_NUM_CLASSES.value} classes, {head})")
 
