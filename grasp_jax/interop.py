@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from grasp_jax import models
 
@@ -95,29 +96,6 @@ def _resnet_to_hf(key: str) -> str:
     return f"{prefix}.layer.{int(number) - 1}.{part}.{leaf}"
 
 
-def _resnet_from_hf(key: str) -> str:
-    """HF `ResNetForImageClassification` key -> torchvision key."""
-    if key.startswith("classifier.1."):
-        return "fc." + key[len("classifier.1.") :]
-    stem = re.fullmatch(
-        r"resnet\.embedder\.embedder\.(convolution|normalization)\.(.+)", key
-    )
-    if stem:
-        return ("conv1." if stem[1] == "convolution" else "bn1.") + stem[2]
-    block = re.fullmatch(
-        r"resnet\.encoder\.stages\.(\d)\.layers\.(\d+)\."
-        r"(?:layer\.(\d)|shortcut)\.(convolution|normalization)\.(.+)",
-        key,
-    )
-    if not block:
-        return key
-    stage, index, number, part, leaf = block.groups()
-    prefix = f"layer{int(stage) + 1}.{index}"
-    if number is None:
-        return f"{prefix}.downsample.{0 if part == 'convolution' else 1}.{leaf}"
-    return f"{prefix}.{'conv' if part == 'convolution' else 'bn'}{int(number) + 1}.{leaf}"
-
-
 def _to_layout(name: str, key: str, layout: str) -> str:
     """Canonical key -> `layout`'s key."""
     if layout == "hf" and name == "resnet50":
@@ -143,15 +121,6 @@ def detect_layout(keys) -> tuple[str, str]:
         "unrecognised state dict layout (expected HF transformers ResNet/EfficientNet/"
         f"MobileViT or torchvision ResNet keys); first keys: {sample}"
     )
-
-
-def _to_canonical(name: str, key: str, layout: str) -> str:
-    """`layout`'s key -> canonical key."""
-    if layout == "hf" and name == "resnet50":
-        return _resnet_from_hf(key)
-    if layout == "reference" and key.startswith("fc.1."):
-        return "fc." + key[5:]
-    return key
 
 
 # --------------------------------------------------------------------------- reading files
@@ -258,31 +227,26 @@ def _abstract(name: str, num_classes: int, overrides: dict) -> dict:
     )
 
 
-def _flat(tree: Mapping) -> dict[tuple[str, ...], object]:
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat[tuple(str(entry.key) for entry in path)] = leaf
-    return flat
+def _torch_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...] | None:
+    """The axis order taking a Flax array to PyTorch's layout (None: the same)."""
+    if path[-1] != "kernel":
+        return None
+    return (3, 2, 0, 1) if ndim == 4 else (1, 0)  # conv (kh, kw, in, out); dense (in, out)
 
 
 def _to_torch_array(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
-    if path[-1] == "kernel" and array.ndim == 4:  # (kh, kw, in/groups, out)
-        return np.transpose(array, (3, 2, 0, 1))
-    if path[-1] == "kernel":  # (in, out)
-        return np.transpose(array)
-    return array
+    axes = _torch_axes(path, array.ndim)
+    return array if axes is None else np.transpose(array, axes)
 
 
 def _from_torch_array(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
-    if path[-1] == "kernel" and array.ndim == 4:
-        return np.transpose(array, (2, 3, 1, 0))
-    if path[-1] == "kernel":
-        return np.transpose(array)
-    return array
+    axes = _torch_axes(path, array.ndim)
+    return array if axes is None else np.transpose(array, np.argsort(axes))
 
 
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    return _to_torch_array(path, np.empty(shape, np.uint8)).shape
+    axes = _torch_axes(path, len(shape))
+    return shape if axes is None else tuple(shape[axis] for axis in axes)
 
 
 def _check_name(name: str) -> None:
@@ -317,26 +281,29 @@ def import_torch(
             f"{origin}: holds a {family} state dict ({layout} layout), not {name}; "
             "pass the matching model name"
         )
-    state = {_to_canonical(name, key, layout): value for key, value in state.items()}
     head = HEAD_PREFIX[name]
-    if drop_head:
-        if num_classes is None:
-            raise InteropError("drop_head=True needs num_classes for the new head")
-        state = {k: v for k, v in state.items() if not k.startswith(head)}
-    elif num_classes is None:
-        weight = state.get(head + "weight")
+    if drop_head and num_classes is None:
+        raise InteropError("drop_head=True needs num_classes for the new head")
+    if num_classes is None:
+        weight = state.get(_to_layout(name, head + "weight", layout))
         if weight is None:
             raise InteropError(f"{origin}: no head weight {head}weight; pass num_classes")
         num_classes = int(weight.shape[0])
 
-    abstract = _abstract(name, num_classes, overrides)
-    expected = {_torch_key(path): path for path in _flat(abstract)}
+    abstract = flatten_dict(_abstract(name, num_classes, overrides))
+    expected = {_torch_key(path): path for path in abstract}
+    # The layout's names, from the one canonical -> layout mapping; a key the model lacks
+    # keeps its name (and is reported as unexpected).
+    renamed = {_to_layout(name, key, layout): key for key in expected}
+    state = {renamed.get(key, key): value for key, value in state.items()}
+    if drop_head:
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
     _check_keys(origin, name, state, expected, abstract, skip=head if drop_head else None)
 
     fresh = {}
     if drop_head:  # a new head, initialised as the model initialises it
         module = head[:-1]
-        features = abstract["params"][module]["kernel"].shape[0]
+        features = abstract["params", module, "kernel"].shape[0]
         rng = jax.random.key(0) if rng is None else rng
         layer = nn.Dense(num_classes, param_dtype=jnp.float32)
         params = layer.init(rng, jnp.zeros((1, features), jnp.float32))["params"]
@@ -347,7 +314,7 @@ def import_torch(
             flat[path] = jnp.asarray(_from_torch_array(path, state[key]), jnp.float32)
         else:
             flat[path] = fresh[path]
-    return _unflatten(flat)
+    return unflatten_dict(flat)
 
 
 def checkpoint_num_classes(name: str, state_dict_or_path) -> int | None:
@@ -355,15 +322,13 @@ def checkpoint_num_classes(name: str, state_dict_or_path) -> int | None:
     _check_name(name)
     state, _ = load_state_dict(state_dict_or_path)
     _, layout = detect_layout(state)
-    canonical = {_to_canonical(name, key, layout): value for key, value in state.items()}
-    weight = canonical.get(HEAD_PREFIX[name] + "weight")
+    weight = state.get(_to_layout(name, HEAD_PREFIX[name] + "weight", layout))
     return None if weight is None else int(weight.shape[0])
 
 
 def _check_keys(origin, name, state, expected, abstract, skip) -> None:
     shapes = {
-        key: _torch_shape(path, _leaf(abstract, path).shape)
-        for key, path in expected.items()
+        key: _torch_shape(path, abstract[path].shape) for key, path in expected.items()
     }
     wanted = {key for key in expected if skip is None or not key.startswith(skip)}
     missing = sorted(wanted - set(state))
@@ -393,22 +358,6 @@ def _check_keys(origin, name, state, expected, abstract, skip) -> None:
     raise InteropError("\n".join(lines))
 
 
-def _leaf(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _unflatten(flat: dict[tuple[str, ...], jax.Array]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def export_numpy(name: str, variables: Mapping, *, layout: str | None = None) -> dict:
     """`variables` as a flat {PyTorch key: NumPy array} state dict in `layout`."""
     _check_name(name)
@@ -418,7 +367,9 @@ def export_numpy(name: str, variables: Mapping, *, layout: str | None = None) ->
             f"{name} has no {layout!r} layout; choose one of {LAYOUTS[name]}"
         )
     state = {}
-    for path, value in _flat({k: variables[k] for k in ("params", "batch_stats")}).items():
+    for path, value in flatten_dict(
+        {k: variables[k] for k in ("params", "batch_stats")}
+    ).items():
         key = _to_layout(name, _torch_key(path), layout)
         state[key] = np.ascontiguousarray(_to_torch_array(path, np.asarray(value)))
         if path[-1] == "mean":  # PyTorch BatchNorm also carries a batch counter
