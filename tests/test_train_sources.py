@@ -55,21 +55,22 @@ def test_config_names_resolve_and_unknown_ones_list_the_choices():
         expand_config_argument(["--config=clear1000"])
 
 
+def train_sources_command(workdir, *overrides: str, timeout: int) -> None:
+    """`python -m experiments.train_sources --config=digits` as a user runs it."""
+    command = [sys.executable, "-m", "experiments.train_sources", "--config=digits"]
+    subprocess.run(
+        [*command, f"--workdir={workdir}", *overrides],
+        cwd=ROOT,
+        check=True,
+        timeout=timeout,
+        capture_output=True,
+    )
+
+
 @pytest.mark.slow
 def test_command_line_default_config(tmp_path):
     """The full default: pretraining and all five sources (about two minutes)."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train_sources",
-            "--config=digits",
-            f"--workdir={tmp_path}",
-        ],
-        cwd=ROOT,
-        check=True,
-        timeout=1200,
-    )
+    train_sources_command(tmp_path, timeout=1200)
     for bin_name in get_config().bins:
         meta = checkpoints.read_metadata(
             tmp_path / "sources/digits_drift/small_cnn" / bin_name
@@ -79,22 +80,13 @@ def test_command_line_default_config(tmp_path):
 
 def test_command_line_overrides(digits_dir, tmp_path):
     """The command itself with --config.* overrides, as CI's small version."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train_sources",
-            "--config=digits",
-            f"--workdir={tmp_path}",
-            f"--config.data_dir={digits_dir}",
-            "--config.bins=('d2',)",
-            "--config.pretrain.epochs=1",
-            "--config.source_training.epochs=1",
-        ],
-        cwd=ROOT,
-        check=True,
+    train_sources_command(
+        tmp_path,
+        f"--config.data_dir={digits_dir}",
+        "--config.bins=('d2',)",
+        "--config.pretrain.epochs=1",
+        "--config.source_training.epochs=1",
         timeout=600,
-        capture_output=True,
     )
     assert checkpoints.is_complete(tmp_path / "sources/digits_drift/small_cnn/d2")
     assert not (tmp_path / "sources/digits_drift/small_cnn/d0").exists()

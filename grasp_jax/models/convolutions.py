@@ -16,11 +16,13 @@ backward, against XLA's own convolution:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from grasp_jax.models.layers import BatchNorm, matmul_last_axis
 
 
 def _kernel_and_bias(module: nn.Module, shape: tuple[int, ...], use_bias: bool):
@@ -139,8 +141,7 @@ class PointwiseConv(nn.Module):
         shape = (1, 1, x.shape[-1], self.features)
         kernel, bias = _kernel_and_bias(self, shape, self.use_bias)
         x = x[:, :: self.stride, :: self.stride].astype(self.dtype)
-        out = jnp.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0].astype(self.dtype))
-        return _add_bias(out.reshape(*x.shape[:-1], self.features), bias)
+        return _add_bias(matmul_last_axis(x, kernel[0, 0].astype(self.dtype)), bias)
 
 
 class Im2colConv(nn.Module):
@@ -214,3 +215,39 @@ def conv(
         param_dtype=jnp.float32,
         name=name,
     )
+
+
+class ConvBN(nn.Module):
+    """A bias-free `conv`, then (unless `normalize=False`) its BatchNorm and an optional
+    activation: the unit HF's MobileViT and EfficientNet are built of, with the pair's
+    names as each model's state dict spells them."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    padding: int | Sequence[tuple[int, int]] | None = None
+    groups: int = 1
+    normalize: bool = True
+    activation: Callable[[jax.Array], jax.Array] | None = None
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    conv_name: str = "convolution"
+    norm_name: str = "normalization"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = conv(
+            self.features,
+            self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+            dtype=self.dtype,
+            name=self.conv_name,
+        )(x)
+        if self.normalize:
+            x = BatchNorm(self.momentum, self.epsilon, self.dtype, name=self.norm_name)(
+                x, train
+            )
+        return x if self.activation is None else self.activation(x)

@@ -19,6 +19,7 @@ weights were trained (or converted) with them:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -27,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from grasp_jax.models import convolutions
 from grasp_jax.models.convolutions import conv
 from grasp_jax.models.layers import BatchNorm, at_least_float32, dense
 
@@ -43,31 +45,8 @@ def round_filters(channels: int, width_coefficient: float, divisor: int = 8) -> 
     return int(rounded)
 
 
-class ConvBN(nn.Module):
-    """A bias-free convolution and its BatchNorm, named as HF names the pair."""
-
-    features: int
-    kernel: int
-    conv_name: str
-    norm_name: str
-    momentum: float = MOMENTUM
-    stride: int = 1
-    padding: int | Sequence[tuple[int, int]] | None = None
-    groups: int = 1
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = conv(
-            self.features,
-            self.kernel,
-            stride=self.stride,
-            padding=self.padding,
-            groups=self.groups,
-            dtype=self.dtype,
-            name=self.conv_name,
-        )(x)
-        return BatchNorm(self.momentum, EPSILON, self.dtype, name=self.norm_name)(x, train)
+# HF's EfficientNet BatchNorms: epsilon 1e-3 and, except in the expansion, momentum 0.99.
+ConvBN = functools.partial(convolutions.ConvBN, momentum=MOMENTUM, epsilon=EPSILON)
 
 
 class SqueezeExcite(nn.Module):
@@ -113,9 +92,15 @@ class Block(nn.Module):
         dim = spec.in_dim * spec.expand_ratio
         if spec.expand_ratio != 1:
             x = ConvBN(
-                dim, 1, "expand_conv", "expand_bn", 0.1, dtype=self.dtype, name="expansion"
+                dim,
+                1,
+                momentum=0.1,
+                conv_name="expand_conv",
+                norm_name="expand_bn",
+                activation=nn.silu,
+                dtype=self.dtype,
+                name="expansion",
             )(x, train)
-            x = nn.silu(x)
         half = spec.kernel // 2
         if spec.stride == 2:
             low = half if spec.symmetric_padding else half - 1
@@ -125,22 +110,22 @@ class Block(nn.Module):
         x = ConvBN(
             dim,
             spec.kernel,
-            "depthwise_conv",
-            "depthwise_norm",
             stride=spec.stride,
             padding=padding,
             groups=dim,
+            activation=nn.silu,
+            conv_name="depthwise_conv",
+            norm_name="depthwise_norm",
             dtype=self.dtype,
             name="depthwise_conv",
         )(x, train)
-        x = nn.silu(x)
         reduced = max(1, int(spec.in_dim * 0.25))
         x = SqueezeExcite(dim, reduced, self.dtype, name="squeeze_excite")(x)
         x = ConvBN(
             spec.out_dim,
             1,
-            "project_conv",
-            "project_bn",
+            conv_name="project_conv",
+            norm_name="project_bn",
             dtype=self.dtype,
             name="projection",
         )(x, train)
@@ -179,16 +164,14 @@ class Backbone(nn.Module):
         x = ConvBN(
             self.stem_dim,
             3,
-            "convolution",
-            "batchnorm",
             stride=2,
             padding=[(0, 1), (0, 1)],
+            activation=nn.silu,
+            norm_name="batchnorm",
             dtype=self.dtype,
             name="embeddings",
         )(x, train)
-        x = Encoder(self.blocks, self.top_dim, self.dtype, name="encoder")(
-            nn.silu(x), train
-        )
+        x = Encoder(self.blocks, self.top_dim, self.dtype, name="encoder")(x, train)
         return jnp.mean(x, axis=(1, 2))
 
 

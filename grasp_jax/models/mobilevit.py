@@ -8,6 +8,7 @@ folding (at 224 pixels the last stage's 7x7 map goes through 8x8).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -16,9 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grasp_jax.models.convolutions import conv
+from grasp_jax.models.convolutions import ConvBN
 from grasp_jax.models.layers import (
-    BatchNorm,
     at_least_float32,
     dense,
     layer_norm,
@@ -49,30 +49,8 @@ class Settings(NamedTuple):
     dtype: jnp.dtype
 
 
-class ConvLayer(nn.Module):
-    """HF's `MobileViTConvLayer`: bias-free conv, optional BatchNorm and SiLU."""
-
-    features: int
-    kernel: int
-    stride: int = 1
-    groups: int = 1
-    normalize: bool = True
-    activate: bool = True
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = conv(
-            self.features,
-            self.kernel,
-            stride=self.stride,
-            groups=self.groups,
-            dtype=self.dtype,
-            name="convolution",
-        )(x)
-        if self.normalize:
-            x = BatchNorm(dtype=self.dtype, name="normalization")(x, train)
-        return nn.silu(x) if self.activate else x
+# HF's `MobileViTConvLayer`: bias-free conv, BatchNorm (PyTorch's defaults), SiLU.
+ConvLayer = functools.partial(ConvBN, activation=nn.silu)
 
 
 class InvertedResidual(nn.Module):
@@ -92,7 +70,7 @@ class InvertedResidual(nn.Module):
             expanded, 3, self.stride, groups=expanded, dtype=self.dtype, name="conv_3x3"
         )(y, train)
         y = ConvLayer(
-            self.out_channels, 1, activate=False, dtype=self.dtype, name="reduce_1x1"
+            self.out_channels, 1, activation=None, dtype=self.dtype, name="reduce_1x1"
         )(y, train)
         if self.stride == 1 and in_channels == self.out_channels:
             return x + y
@@ -243,7 +221,7 @@ class MobileViTBlock(nn.Module):
             self.hidden_size,
             1,
             normalize=False,
-            activate=False,
+            activation=None,
             dtype=cfg.dtype,
             name="conv_1x1",
         )(x, train)
