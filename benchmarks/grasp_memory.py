@@ -54,6 +54,7 @@ def child(mode: str, k: int, ckpt_dir: str, data_dir: str) -> None:
         target,
         config=grasp.GraspConfig(initial_epochs=1, finetune_epochs=1, augment=False),
         pipeline=ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32),
+        key=jax.random.PRNGKey(0),
         progress=False,
         evaluate_merges=False,
     )

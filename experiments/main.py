@@ -24,7 +24,6 @@ from experiments import sources as src
 from experiments.configs import CONFIG_DIR, expand_config_argument
 from experiments.sources import train_sources
 from grasp_jax import flops, memory, metrics
-from grasp_jax.input_pipeline import hash_seed
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config>).")
@@ -140,7 +139,7 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
                 if (out_dir / "metrics.json").exists():
                     results.append(_load_finished(out_dir, method, config))
                     continue
-                seed = hash_seed(config.seed, t_index * 100 + m_index, trial)
+                seed = src.config_seed(config, "run", t_index, m_index, trial)
                 ctx = methods.Context(config, workdir, target, bins, splits, seed, progress)
                 record = run_one(ctx, out_dir, method, trial, class_names, step, merge)
                 results.append(record)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from experiments import sources as src
-from grasp_jax import grasp, train
+from grasp_jax import grasp, seeding, train
 
 METHODS = ("grasp", "ensemble", "finetune", "target_only")
 
@@ -80,7 +80,7 @@ def run_grasp(ctx: Context) -> MethodResult:
         ctx.splits,
         config=cfg,
         pipeline=ctx.pipeline,
-        seed=ctx.seed,
+        key=seeding.root_key(ctx.seed),
         first_name=first,
         progress=ctx.progress,
     )
@@ -146,7 +146,8 @@ def run_finetune(ctx: Context) -> MethodResult:
 
 def run_target_only(ctx: Context) -> MethodResult:
     config = ctx.config
-    fresh = src.fresh_variables(config, ctx.seed)
+    init_seed = seeding.int_seed(seeding.stream(seeding.root_key(ctx.seed), "init"))
+    fresh = src.fresh_variables(config, init_seed)
     section = src.train_config(config.source_training)
     fit = train.fit(
         ctx.model,

@@ -15,7 +15,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from tensorboardX import SummaryWriter
 
-from grasp_jax import checkpoints, models, train
+from grasp_jax import checkpoints, models, seeding, train
 from grasp_jax import input_pipeline as ip
 
 
@@ -144,7 +144,7 @@ def initial_variables(config, workdir: Path, writer) -> dict:
         return checkpoints.restore_variables(config.init, abstract, name="init")
     name = "_pretrained"
     if not checkpoints.is_complete(source_dir(config, workdir, name)):
-        fresh = fresh_variables(config, config.seed)
+        fresh = fresh_variables(config, config_seed(config, "pretrain_init"))
         train_one(
             config,
             workdir,
@@ -152,10 +152,15 @@ def initial_variables(config, workdir: Path, writer) -> dict:
             config.pretrain.config,
             _without(config.pretrain, "config"),
             fresh,
-            config.seed,
+            config_seed(config, "pretrain"),
             writer,
         )
     return restore_source(config, workdir, name, abstract)
+
+
+def config_seed(config, name: str, *indices: int) -> int:
+    """The integer seed of stream `name` under the experiment's `config.seed`."""
+    return seeding.int_seed(seeding.stream(seeding.root_key(config.seed), name, *indices))
 
 
 def _without(section: ml_collections.ConfigDict, key: str) -> ml_collections.ConfigDict:
@@ -185,7 +190,7 @@ def train_sources(config, workdir: Path) -> dict[str, dict]:
                     bin_name,
                     config.source_training,
                     init,
-                    config.seed + 1 + index,
+                    config_seed(config, "source", index),
                     writer,
                 )
             summary[bin_name] = checkpoints.read_metadata(target)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from grasp_jax import input_pipeline as ip
-from grasp_jax import train
+from grasp_jax import seeding, train
 from grasp_jax.merge import merge_step
 from grasp_jax.tree_checks import leaves_with_paths
 
@@ -131,20 +131,22 @@ def alignment_gradients(
 
 
 def preprocess_alignment_batches(
-    train_source, pipeline: ip.PipelineConfig, config: GraspConfig, seed: int, stage: int
+    train_source, pipeline: ip.PipelineConfig, config: GraspConfig, key, stage: int
 ) -> list[dict]:
     """The first `num_alignment_batches` of a fresh pass over the target train split,
     preprocessed once so both models see the same images (as in the reference)."""
     batches = ip.dataset(
-        train_source, pipeline, train=True, seed=seed, epoch=10_000 + stage
+        train_source,
+        pipeline,
+        train=True,
+        seed=seeding.int_seed(seeding.stream(key, "alignment_data", stage)),
     )
     chosen = list(itertools.islice(iter(batches), config.num_alignment_batches))
-    rng = jax.random.PRNGKey(seed + stage)
     out = []
     for i, batch in enumerate(chosen):
-        key = jax.random.fold_in(rng, i)
+        key_i = seeding.stream(key, "alignment_augment", stage, i)
         images = (
-            ip.augment(key, batch["image"], pipeline)
+            ip.augment(key_i, batch["image"], pipeline)
             if config.augment
             else ip.normalize(batch["image"], pipeline)
         )
@@ -164,7 +166,7 @@ def run_grasp(
     *,
     config: GraspConfig,
     pipeline: ip.PipelineConfig,
-    seed: int = 0,
+    key: jax.Array,
     first_name: str = "source_0",
     progress: bool = True,
     evaluate_merges: bool = True,
@@ -173,10 +175,11 @@ def run_grasp(
 
     `later_sources` yields `(name, loader)` pairs in merge order; each loader restores one
     source's variables when called (e.g. from Orbax), so only one source is in memory.
-    A stage of 0 epochs skips its fine-tuning (to study the merges alone).
+    A stage of 0 epochs skips its fine-tuning (to study the merges alone). Every random
+    stream (data order, augmentation, dropout) derives from `key` by name and stage.
     """
 
-    def finetune(variables, epochs: int, stage_seed: int, label: str):
+    def finetune(variables, epochs: int, stage: int, label: str):
         if epochs == 0:
             return variables, None, []
         fit = train.fit(
@@ -186,14 +189,14 @@ def run_grasp(
             target["validation"],
             config=config.stage_config(epochs),
             pipeline=pipeline,
-            seed=stage_seed,
+            seed=seeding.int_seed(seeding.stream(key, "finetune", stage)),
             progress=progress,
             description=label,
         )
         return fit.variables, fit.best_val_accuracy, fit.history
 
     current, best, history = finetune(
-        first_source, config.initial_epochs, seed, f"grasp stage 0 ({first_name})"
+        first_source, config.initial_epochs, 0, f"grasp stage 0 ({first_name})"
     )
     stages = [
         StageStats(source=first_name, val_accuracy_after_finetune=best, history=history)
@@ -201,9 +204,9 @@ def run_grasp(
     for stage, (name, load) in enumerate(later_sources, start=1):
         stats = StageStats(source=name)
         batches = preprocess_alignment_batches(
-            target["train"], pipeline, config, seed, stage
+            target["train"], pipeline, config, key, stage
         )
-        rng = jax.random.PRNGKey(seed * 7919 + stage)
+        rng = seeding.stream(key, "alignment_dropout", stage)
         if evaluate_merges:
             stats.val_accuracy_before_merge = validation_accuracy(
                 model, current, target, pipeline
@@ -241,7 +244,7 @@ def run_grasp(
                 model, current, target, pipeline
             )
         current, stats.val_accuracy_after_finetune, stats.history = finetune(
-            current, config.finetune_epochs, seed + stage, f"grasp stage {stage} ({name})"
+            current, config.finetune_epochs, stage, f"grasp stage {stage} ({name})"
         )
         stages.append(stats)
     return GraspResult(variables=current, stages=stages)
