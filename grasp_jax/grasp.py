@@ -112,18 +112,17 @@ def alignment_gradients(
     batches: Sequence[dict],
     *,
     train_mode: bool,
-    rng: jax.Array,
 ) -> tuple[Any, Any]:
     """Gradients summed over `batches` (preprocessed images) and the final BN statistics."""
     total, stats = None, variables.get("batch_stats", {})
-    for i, batch in enumerate(batches):
+    for batch in batches:
         grads, stats = _loss_and_grads(
             model,
             variables["params"],
             stats,
             batch["image"],
             batch["label"],
-            jax.random.fold_in(rng, i),
+            batch["rng"],
             train_mode,
         )
         total = grads if total is None else jax.tree.map(jnp.add, total, grads)
@@ -131,26 +130,33 @@ def alignment_gradients(
 
 
 def preprocess_alignment_batches(
-    train_source, pipeline: ip.PipelineConfig, config: GraspConfig, key, stage: int
+    train_source, pipeline: ip.PipelineConfig, config: GraspConfig, key
 ) -> list[dict]:
     """The first `num_alignment_batches` of a fresh pass over the target train split,
-    preprocessed once so both models see the same images (as in the reference)."""
+    preprocessed once so both models see the same images (as in the reference). Each
+    batch carries the dropout key (`rng`) its train-mode forward pass uses."""
     batches = ip.dataset(
         train_source,
         pipeline,
         train=True,
-        seed=seeding.int_seed(seeding.stream(key, "alignment_data", stage)),
+        seed=seeding.int_seed(seeding.stream(key, "data")),
     )
     chosen = list(itertools.islice(iter(batches), config.num_alignment_batches))
     out = []
     for i, batch in enumerate(chosen):
-        key_i = seeding.stream(key, "alignment_augment", stage, i)
+        augment_key = seeding.stream(key, "augment", i)
         images = (
-            ip.augment(key_i, batch["image"], pipeline)
+            ip.augment(augment_key, batch["image"], pipeline)
             if config.augment
             else ip.normalize(batch["image"], pipeline)
         )
-        out.append({"image": images, "label": jnp.asarray(batch["label"])})
+        out.append(
+            {
+                "image": images,
+                "label": jnp.asarray(batch["label"]),
+                "rng": seeding.stream(key, "dropout", i),
+            }
+        )
     return out
 
 
@@ -204,9 +210,8 @@ def run_grasp(
     for stage, (name, load) in enumerate(later_sources, start=1):
         stats = StageStats(source=name)
         batches = preprocess_alignment_batches(
-            target["train"], pipeline, config, key, stage
+            target["train"], pipeline, config, seeding.stream(key, "alignment", stage)
         )
-        rng = seeding.stream(key, "alignment_dropout", stage)
         if evaluate_merges:
             stats.val_accuracy_before_merge = validation_accuracy(
                 model, current, target, pipeline
@@ -216,12 +221,9 @@ def run_grasp(
             current,
             batches,
             train_mode=config.alignment_current_mode == "train",
-            rng=rng,
         )
         source = load()
-        grad_source, _ = alignment_gradients(
-            model, source, batches, train_mode=False, rng=rng
-        )
+        grad_source, _ = alignment_gradients(model, source, batches, train_mode=False)
         merged, merge_stats = merge_step(
             jax.tree.map(jnp.array, current["params"]),  # a copy: merge_step consumes it
             source["params"],

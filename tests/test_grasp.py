@@ -83,7 +83,10 @@ def test_two_sources_move_exactly_the_aligned_tensors(target):
     expected_state = current
     for stage, name in enumerate(sources, start=1):
         (batch,) = grasp.preprocess_alignment_batches(
-            target["train"], PIPE, MERGE_ONLY, jax.random.PRNGKey(4), stage
+            target["train"],
+            PIPE,
+            MERGE_ONLY,
+            seeding.stream(jax.random.PRNGKey(4), "alignment", stage),
         )
         moves = expected_moves(model, expected_state, sources[name], batch, 0.3)
         stats = result.stages[stage]
@@ -198,9 +201,8 @@ def test_alignment_batches_are_the_first_of_a_fresh_pass(target):
         PIPE,
         grasp.GraspConfig(num_alignment_batches=2, augment=False),
         jax.random.PRNGKey(0),
-        1,
     )
-    seed = seeding.int_seed(seeding.stream(jax.random.PRNGKey(0), "alignment_data", 1))
+    seed = seeding.int_seed(seeding.stream(jax.random.PRNGKey(0), "data"))
     raw = list(
         itertools.islice(iter(ip.dataset(target["train"], PIPE, train=True, seed=seed)), 2)
     )
