@@ -46,18 +46,17 @@ def child(mode: str, k: int, ckpt_dir: str, data_dir: str) -> None:
     else:  # GRASP: each source restored when its stage starts
         first = loader(0)()
         sources = [(f"s{i}", loader(i)) for i in range(1, k)]
-    target = tfds.data_source("digits_drift/d0", data_dir=data_dir)
-    grasp.run_grasp(
+    splits = tfds.data_source("digits_drift/d0", data_dir=data_dir)
+    config = grasp.GraspConfig(initial_epochs=1, finetune_epochs=1, augment=False)
+    steps = grasp.default_steps(
         model,
-        first,
-        sources,
-        target,
-        config=grasp.GraspConfig(initial_epochs=1, finetune_epochs=1, augment=False),
+        splits,
+        config=config,
         pipeline=ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32),
-        key=jax.random.PRNGKey(0),
         progress=False,
-        evaluate_merges=False,
+        validate_merges=False,
     )
+    grasp.run_grasp(first, sources, steps, config=config, key=jax.random.PRNGKey(0))
     print(json.dumps({"peak_mb": memory.peak_host_memory_bytes() / 2**20}))
 
 

@@ -114,12 +114,12 @@ def time_merge_step(trees_np, reps: int, **kwargs) -> list[float]:
 def xla_bytes_accessed(trees_np) -> float:
     """Bytes the compiled merge program touches, by XLA's own cost analysis."""
     from grasp_jax.flops import cost_analysis
-    from grasp_jax.merge import _merge_program
+    from grasp_jax.merge import merge_program
 
     abstract = [
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t) for t in trees_np
     ]
-    lowered = _merge_program.lower(*abstract, 0.3, 1e-8, granularity="tensor", mode="hard")
+    lowered = merge_program.lower(*abstract, 0.3, 1e-8, granularity="tensor", mode="hard")
     return float(cost_analysis(lowered)["bytes accessed"])
 
 

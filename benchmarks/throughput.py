@@ -51,7 +51,7 @@ def measure_jax(name: str, batch: int, size: int, warmup: int, steps: int) -> di
     import numpy as np
     import optax
 
-    from grasp_jax import models
+    from grasp_jax import models, objective
 
     module = models.create(name, NUM_CLASSES)
     variables = models.init(name, NUM_CLASSES, jax.random.key(0), (1, size, size, 3))
@@ -60,26 +60,23 @@ def measure_jax(name: str, batch: int, size: int, warmup: int, steps: int) -> di
     images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch))
 
+    loss_fn = objective.loss_fn(module, train=True)
+
     def train_step(state, images, labels, key):
         params, batch_stats, opt_state = state
-
-        def loss_fn(params):
-            logits, updates = module.apply(
-                {"params": params, "batch_stats": batch_stats},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": key},
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, updates["batch_stats"]
-
-        grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params)
+        batch = {"image": images, "label": labels, "rng": key}
+        grads, (batch_stats, _) = jax.grad(loss_fn, has_aux=True)(
+            params, batch_stats, batch
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state
 
     train = jax.jit(train_step, donate_argnums=0)
-    evaluate = jax.jit(lambda v, x: module.apply(v, x, train=False))
+    evaluate = jax.jit(
+        lambda v, x: objective.forward(
+            module, v["params"], v["batch_stats"], x, train=False
+        )[0]
+    )
     params = variables["params"]
     state = [(params, variables["batch_stats"], optimizer.init(params))]
     key = jax.random.key(1)

@@ -70,6 +70,31 @@ def build(
     return built
 
 
+def load_splits(name: str, config: str, data_dir: str | Path) -> dict:
+    """The `tfds.data_source` splits of `name/config` in `data_dir`.
+
+    Embedded data sets (no manual folder) are built on first use, by process 0 alone
+    while the others wait; a missing manual data set is a LayoutError with the command
+    that builds it.
+    """
+    if name not in BUILDERS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
+    if not issubclass(BUILDERS[name], ImageFolderBuilder):
+        import jax
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            build(name, data_dir=str(data_dir), configs=[config])
+        multihost_utils.sync_global_devices(f"data.build {name}/{config}")
+    try:
+        return tfds.data_source(f"{name}/{config}", data_dir=str(data_dir))
+    except Exception as err:
+        raise LayoutError(
+            f"{name}/{config} is not built in {data_dir}. Build it with "
+            f"`python -m data.build {name} --manual_dir DIR --data_dir {data_dir}`."
+        ) from err
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError(

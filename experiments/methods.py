@@ -1,4 +1,8 @@
-"""The methods an experiment compares, each returning the same kind of result.
+"""The methods an experiment compares: one registry entry each.
+
+An entry names the method and gives its run function, the hyperparameters its result
+depends on (recorded with every run and compared before a finished run is reused), its
+run-folder suffix and its FLOPs. Adding a method is adding one entry to `REGISTRY`.
 
 grasp: the sequential driver. ensemble: mean logits of all sources (no training; sources
 are streamed, one in memory at a time). finetune: the first source fine-tuned on the
@@ -10,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from experiments import settings
 from experiments import sources as src
-from grasp_jax import grasp, seeding, train
-
-METHODS = ("grasp", "ensemble", "finetune", "target_only")
+from grasp_jax import evaluation, grasp, loop, seeding
+from grasp_jax import input_pipeline as ip
 
 
 @dataclasses.dataclass
@@ -42,16 +47,35 @@ class Context:
         return self.model_and_abstract[0]
 
     @property
-    def pipeline(self):
-        return src.pipeline_config(self.config)
+    def pipeline(self) -> ip.PipelineConfig:
+        return settings.pipeline(self.config)
 
     def restore(self, bin_name: str) -> dict:
+        """The trained source model of `bin_name`."""
         return src.restore_source(
             self.config, self.workdir, bin_name, self.model_and_abstract[1]
         )
 
-    def grasp_config(self) -> grasp.GraspConfig:
-        return grasp.GraspConfig(**self.config.grasp.to_dict())
+    def predict(self, variables) -> tuple[dict, dict]:
+        """Predictions of `variables` on the target's validation and test splits."""
+        return tuple(
+            evaluation.predict(self.model, variables, self.splits[s], self.pipeline)
+            for s in ("validation", "test")
+        )
+
+    def fit(self, variables, recipe, description: str) -> loop.FitResult:
+        """`loop.fit` on the target's train split, selecting on its validation split."""
+        return loop.fit(
+            self.model,
+            variables,
+            self.splits["train"],
+            self.splits["validation"],
+            config=recipe,
+            pipeline=self.pipeline,
+            seed=self.seed,
+            progress=self.progress,
+            description=description,
+        )
 
 
 @dataclasses.dataclass
@@ -63,45 +87,47 @@ class MethodResult:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def _evaluate(ctx: Context, variables) -> tuple[dict, dict]:
-    return tuple(
-        grasp.predict(ctx.model, variables, ctx.splits[s], ctx.pipeline)
-        for s in ("validation", "test")
-    )
+@dataclasses.dataclass(frozen=True)
+class StepCosts:
+    """XLA's FLOPs of the compiled steps, measured once per experiment."""
+
+    train_step: float
+    eval_step: float
+    batch_size: int
+    params: int
+    merge: float
+
+
+TRANSFER_KEYS = (
+    "source",
+    "n_transferred",
+    "fraction",
+    "nonfinite_leaves",
+    "val_accuracy_before_merge",
+    "val_accuracy_after_merge",
+    "val_accuracy_after_finetune",
+    "fraction_by_layer",
+)
 
 
 def run_grasp(ctx: Context) -> MethodResult:
-    cfg = ctx.grasp_config()
+    cfg = settings.grasp(ctx.config)
     first, *later = ctx.source_bins
+    steps = grasp.default_steps(
+        ctx.model, ctx.splits, config=cfg, pipeline=ctx.pipeline, progress=ctx.progress
+    )
     result = grasp.run_grasp(
-        ctx.model,
         ctx.restore(first),
         [(name, functools.partial(ctx.restore, name)) for name in later],
-        ctx.splits,
+        steps,
         config=cfg,
-        pipeline=ctx.pipeline,
         key=seeding.root_key(ctx.seed),
         first_name=first,
-        progress=ctx.progress,
     )
-    val, test = _evaluate(ctx, result.variables)
-    stages = [dataclasses.asdict(s) for s in result.stages]
+    val, test = ctx.predict(result.variables)
     history = [dict(h, stage=i) for i, s in enumerate(result.stages) for h in s.history]
     transfer = [
-        {
-            k: s[k]
-            for k in (
-                "source",
-                "n_transferred",
-                "fraction",
-                "nonfinite_leaves",
-                "val_accuracy_before_merge",
-                "val_accuracy_after_merge",
-                "val_accuracy_after_finetune",
-                "fraction_by_layer",
-            )
-        }
-        for s in stages[1:]
+        {k: dataclasses.asdict(s)[k] for k in TRANSFER_KEYS} for s in result.stages[1:]
     ]
     return MethodResult(val, test, history, len(history), {"transfer_history": transfer})
 
@@ -111,7 +137,7 @@ def run_ensemble(ctx: Context) -> MethodResult:
     sums: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
     for name in ctx.source_bins:
-        val, test = _evaluate(ctx, ctx.restore(name))
+        val, test = ctx.predict(ctx.restore(name))
         for split, out in (("val", val), ("test", test)):
             sums[split] = sums.get(split, 0) + out["logits"]
             labels[split] = out["labels"]
@@ -127,46 +153,128 @@ def run_ensemble(ctx: Context) -> MethodResult:
 
 
 def run_finetune(ctx: Context) -> MethodResult:
-    cfg = ctx.grasp_config()
+    cfg = settings.grasp(ctx.config)
     epochs = cfg.initial_epochs + cfg.finetune_epochs * (len(ctx.source_bins) - 1)
-    fit = train.fit(
-        ctx.model,
-        ctx.restore(ctx.source_bins[0]),
-        ctx.splits["train"],
-        ctx.splits["validation"],
-        config=cfg.stage_config(epochs),
-        pipeline=ctx.pipeline,
-        seed=ctx.seed,
-        progress=ctx.progress,
-        description=f"finetune {ctx.source_bins[0]}",
-    )
-    val, test = _evaluate(ctx, fit.variables)
+    first = ctx.source_bins[0]
+    fit = ctx.fit(ctx.restore(first), cfg.stage_config(epochs), f"finetune {first}")
+    val, test = ctx.predict(fit.variables)
     return MethodResult(val, test, fit.history, epochs)
 
 
 def run_target_only(ctx: Context) -> MethodResult:
-    config = ctx.config
     init_seed = seeding.int_seed(seeding.stream(seeding.root_key(ctx.seed), "init"))
-    fresh = src.fresh_variables(config, init_seed)
-    section = src.train_config(config.source_training)
-    fit = train.fit(
-        ctx.model,
-        fresh,
-        ctx.splits["train"],
-        ctx.splits["validation"],
-        config=section,
-        pipeline=ctx.pipeline,
-        seed=ctx.seed,
-        progress=ctx.progress,
-        description="target_only",
+    recipe = settings.recipe(ctx.config.source_training)
+    fit = ctx.fit(src.fresh_variables(ctx.config, init_seed), recipe, "target_only")
+    val, test = ctx.predict(fit.variables)
+    return MethodResult(val, test, fit.history, recipe.epochs)
+
+
+def training_flops(
+    ctx: Context,
+    result: MethodResult,
+    costs: StepCosts,
+    *,
+    label: str,
+    models_evaluated: int = 1,
+    phases: Callable[[float], tuple[float, dict]] | None = None,
+) -> dict:
+    """Totals from XLA's per-step FLOPs and the steps each phase ran. `phases(training)`
+    returns FLOPs spent beside the training epochs and the method's own report keys."""
+    batch_size = ctx.pipeline.batch_size
+    steps = ip.steps_per_epoch(ctx.splits["train"], batch_size)
+    eval_batches = -(-len(ctx.splits["validation"]) // batch_size)
+    test_batches = -(-len(ctx.splits["test"]) // batch_size)
+    training = result.train_epochs * steps * costs.train_step
+    evaluation_flops = (
+        result.train_epochs * eval_batches
+        + models_evaluated * (eval_batches + test_batches)
+    ) * costs.eval_step
+    out = {
+        "method": label,
+        "source": "XLA cost analysis of the compiled steps",
+        "model_params_millions": costs.params / 1e6,
+        "inference_gflops": costs.eval_step / costs.batch_size / 1e9,
+        "train_step_gflops": costs.train_step / 1e9,
+        "training_gflops": training / 1e9,
+        "evaluation_gflops": evaluation_flops / 1e9,
+        "n_sources": len(ctx.source_bins),
+    }
+    if phases is not None:
+        extra, keys = phases(training)
+        out |= keys
+        training += extra
+    out["total_gflops"] = (training + evaluation_flops) / 1e9
+    return out
+
+
+def grasp_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
+    """Training FLOPs split as the reference reports them: initial, alignment, transfer
+    and fine-tuning."""
+    cfg = settings.grasp(ctx.config)
+    stages = len(ctx.source_bins) - 1
+    steps = ip.steps_per_epoch(ctx.splits["train"], ctx.pipeline.batch_size)
+    # one alignment batch costs about a training step's forward+backward, per model
+    alignment = 2 * stages * cfg.num_alignment_batches * costs.train_step
+    initial = cfg.initial_epochs * steps * costs.train_step
+
+    def phases(training: float) -> tuple[float, dict]:
+        return alignment + stages * costs.merge, {
+            "initial_training_gflops": initial / 1e9,
+            "alignment_gflops_total": alignment / 1e9,
+            "transfer_gflops_total": stages * costs.merge / 1e9,
+            "finetune_gflops_total": (training - initial) / 1e9,
+        }
+
+    return training_flops(ctx, result, costs, label="GRASP", phases=phases)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One comparable method; see the module docstring."""
+
+    name: str
+    run: Callable[[Context], MethodResult]
+    hyperparameters: Callable[[Any], dict]
+    folder_suffix: Callable[[Any], str] = lambda config: ""
+    flops: Callable[[Context, MethodResult, StepCosts], dict] | None = None
+
+    def report_flops(self, ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
+        if self.flops is not None:
+            return self.flops(ctx, result, costs)
+        return training_flops(ctx, result, costs, label=self.name)
+
+
+def _grasp_settings(config) -> dict:
+    return config.grasp.to_dict()
+
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "grasp",
+            run_grasp,
+            _grasp_settings,
+            folder_suffix=lambda config: f"_{round(config.grasp.threshold * 100)}",
+            flops=grasp_flops,
+        ),
+        Method(
+            "ensemble",
+            run_ensemble,
+            lambda config: {},
+            flops=lambda ctx, result, costs: training_flops(
+                ctx,
+                result,
+                costs,
+                label="ensemble",
+                models_evaluated=len(ctx.source_bins),
+            ),
+        ),
+        Method("finetune", run_finetune, _grasp_settings),
+        Method(
+            "target_only",
+            run_target_only,
+            lambda config: config.source_training.to_dict(),
+        ),
     )
-    val, test = _evaluate(ctx, fit.variables)
-    return MethodResult(val, test, fit.history, section.epochs)
-
-
-RUNNERS = {
-    "grasp": run_grasp,
-    "ensemble": run_ensemble,
-    "finetune": run_finetune,
-    "target_only": run_target_only,
 }

@@ -1,4 +1,8 @@
-"""Result files: atomic JSON, confusion matrices, training curves and the summary."""
+"""Result records and files: what one run reports, the summary over runs, and writing
+them (atomic JSON, confusion matrices, training curves, the summary table and chart).
+
+In a multi-process job every process computes the same records; only process 0 writes.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,112 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
+from grasp_jax import metrics
 
-def write_json(path: Path, obj: Any) -> None:
-    """Writes JSON atomically: a temp file in the same folder, then rename."""
+
+def run_record(
+    ctx,
+    method,
+    trial: int,
+    result,
+    seconds: float,
+    costs,
+    memory_log: dict[str, dict],
+) -> tuple[dict, dict]:
+    """The run's `metrics.json` record and its `memory_profile.json`."""
+    splits = ctx.splits
+    record = {
+        "dataset": ctx.config.dataset,
+        "target": ctx.target,
+        "sources": ctx.source_bins,
+        "trial": trial,
+        "model": ctx.config.model,
+        "method": method.name,
+        "seed": ctx.seed,
+        "val_metrics": metrics.classification_metrics(
+            result.val["logits"], result.val["labels"]
+        ),
+        "test_metrics": metrics.classification_metrics(
+            result.test["logits"], result.test["labels"]
+        ),
+        "total_time_seconds": seconds,
+        "total_time_minutes": seconds / 60,
+        "hyperparameters": method.hyperparameters(ctx.config),
+        "dataset_sizes": {
+            f"n_{k}_samples": len(v)
+            for k, v in (
+                ("train", splits["train"]),
+                ("val", splits["validation"]),
+                ("test", splits["test"]),
+            )
+        },
+        "history": result.history,
+        **result.extra,
+    }
+    record["flops"] = method.report_flops(ctx, result, costs)
+    peak = max((c["host_peak_mb"] or 0) for c in memory_log.values())
+    profile = {
+        "checkpoints": memory_log,
+        "peak": {
+            "host_peak_mb": peak,
+            "host_peak_gb": peak / 1024,
+            "device_peak_mb": memory_log["experiment_end"]["device_peak_mb"],
+        },
+        "device": jax.devices()[0].platform,
+        "note": "host peak is this process's VmHWM so far (all earlier runs)",
+    }
+    record["memory"] = profile["peak"]
+    return record, profile
+
+
+def write_run(
+    out_dir: Path, record: dict, profile: dict, class_names: list[str], title: str
+) -> None:
+    """Every file of one run; `metrics.json` last, as it marks the run finished."""
+    if jax.process_index() != 0:
+        return
+    write_json(out_dir / "memory_profile.json", profile)
+    write_json(out_dir / "flops_report.json", record["flops"])
+    for split in ("test", "val"):
+        confusion_matrix_png(
+            record[f"{split}_metrics"]["confusion_matrix"],
+            class_names,
+            out_dir / "confusion_matrices" / f"{split}_confusion_matrix.png",
+            f"{title} ({split})",
+        )
+    if record["history"]:
+        training_curves_png(record["history"], out_dir / "training_curves.png", title)
+    write_json(out_dir / "config.json", record)
+    write_json(out_dir / "metrics.json", record)
+
+
+def write_summary(results_dir: Path, summary: dict, title: str) -> None:
+    """`summary.json`, `summary.md` and `summary.png` of an experiment."""
+    if jax.process_index() != 0:
+        return
+    write_json(results_dir / "summary.json", summary)
+    write_text(results_dir / "summary.md", summary_markdown(summary, title))
+    summary_bar_chart(summary, results_dir / "summary.png", title)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes text atomically: a temp file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
-        json.dump(
-            obj, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)
-        )
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes JSON atomically (numbers as Python numbers, anything else as text)."""
+    text = json.dumps(
+        obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)
+    )
+    write_text(path, text)
 
 
 def _pyplot():

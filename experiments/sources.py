@@ -1,7 +1,8 @@
 """Source models: one per bin, all fine-tuned from one shared pretrained initialisation.
 
 Library code behind `experiments.train_sources` and the GRASP runner: where checkpoints
-live, how a missing one is trained, how one is restored into an abstract target.
+live, how a missing one is trained, how one is restored into abstract shapes
+(`jax.eval_shape`).
 """
 
 from __future__ import annotations
@@ -12,40 +13,20 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import tensorflow_datasets as tfds
 from tensorboardX import SummaryWriter
 
-from grasp_jax import checkpoints, models, seeding, train
-from grasp_jax import input_pipeline as ip
+from data.build import load_splits as load_data_splits
+from experiments import settings
+from grasp_jax import checkpoints, loop, models
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> str:
     return config.data_dir or str(workdir / "tfds")
 
 
-def load_splits(config: ml_collections.ConfigDict, workdir: Path, name: str) -> dict:
-    """The `tfds.data_source` splits of one config (bin) of the data set."""
-    directory = data_dir(config, workdir)
-    if config.dataset == "digits_drift":
-        from data.build import build  # the embedded set builds itself in seconds
-
-        build("digits_drift", data_dir=directory, configs=[name])
-    try:
-        return tfds.data_source(f"{config.dataset}/{name}", data_dir=directory)
-    except Exception as err:
-        command = f"python -m data.build {config.dataset} --manual_dir DIR"
-        raise FileNotFoundError(
-            f"{config.dataset}/{name} is not built in {directory}. Build it with "
-            f"`{command} --data_dir {directory}`."
-        ) from err
-
-
-def pipeline_config(config: ml_collections.ConfigDict) -> ip.PipelineConfig:
-    return ip.PipelineConfig(**config.pipeline.to_dict())
-
-
-def train_config(section: ml_collections.ConfigDict) -> train.TrainConfig:
-    return train.TrainConfig(**section.to_dict())
+def load_splits(config: ml_collections.ConfigDict, workdir: Path, data_config: str):
+    """The splits (train, validation, test) of one config (a bin) of the data set."""
+    return load_data_splits(config.dataset, data_config, data_dir(config, workdir))
 
 
 def fresh_variables(config: ml_collections.ConfigDict, seed: int) -> dict:
@@ -82,19 +63,27 @@ def restore_source(config, workdir: Path, bin_name: str, abstract=None) -> dict:
 
 
 def train_one(
-    config, workdir: Path, name: str, split_name: str, section, init_variables, seed, writer
-) -> train.FitResult:
+    config,
+    workdir: Path,
+    name: str,
+    data_config: str,
+    section,
+    init_variables,
+    seed,
+    writer,
+) -> loop.FitResult:
     """Trains into `<workdir>/sources/.../<name>`; resumes an interrupted run."""
     module, _ = model_and_abstract(config)
-    splits = load_splits(config, workdir, split_name)
+    splits = load_splits(config, workdir, data_config)
     run_dir = workdir / "train_state" / config.dataset / config.model / name
-    result = train.fit(
+    recipe = settings.recipe(section)
+    result = loop.fit(
         module,
         init_variables,
         splits["train"],
         splits["validation"],
-        config=train_config(section),
-        pipeline=pipeline_config(config),
+        config=recipe,
+        pipeline=settings.pipeline(config),
         seed=seed,
         workdir=run_dir,
         writer=writer,
@@ -112,9 +101,9 @@ def train_one(
             "seed": seed,
             "seconds": result.seconds,
             "history": result.history,
-            "train_config": dataclasses.asdict(train_config(section)),
+            "train_config": dataclasses.asdict(recipe),
             "config": config.to_dict(),
-            "versions": train.library_versions(),
+            "versions": checkpoints.library_versions(),
         },
     )
     if jax.process_index() == 0:
@@ -144,29 +133,18 @@ def initial_variables(config, workdir: Path, writer) -> dict:
         return checkpoints.restore_variables(config.init, abstract, name="init")
     name = "_pretrained"
     if not checkpoints.is_complete(source_dir(config, workdir, name)):
-        fresh = fresh_variables(config, config_seed(config, "pretrain_init"))
+        fresh = fresh_variables(config, settings.config_seed(config, "pretrain_init"))
         train_one(
             config,
             workdir,
             name,
-            config.pretrain.config,
-            _without(config.pretrain, "config"),
+            config.pretrain.data_config,
+            config.pretrain,
             fresh,
-            config_seed(config, "pretrain"),
+            settings.config_seed(config, "pretrain"),
             writer,
         )
     return restore_source(config, workdir, name, abstract)
-
-
-def config_seed(config, name: str, *indices: int) -> int:
-    """The integer seed of stream `name` under the experiment's `config.seed`."""
-    return seeding.int_seed(seeding.stream(seeding.root_key(config.seed), name, *indices))
-
-
-def _without(section: ml_collections.ConfigDict, key: str) -> ml_collections.ConfigDict:
-    values = section.to_dict()
-    values.pop(key)
-    return ml_collections.ConfigDict(values)
 
 
 def train_sources(config, workdir: Path) -> dict[str, dict]:
@@ -180,8 +158,8 @@ def train_sources(config, workdir: Path) -> dict[str, dict]:
         init = None
         summary = {}
         for index, bin_name in enumerate(config.bins):
-            target = source_dir(config, workdir, bin_name)
-            if not checkpoints.is_complete(target):
+            folder = source_dir(config, workdir, bin_name)
+            if not checkpoints.is_complete(folder):
                 init = init or initial_variables(config, workdir, writer)
                 train_one(
                     config,
@@ -190,10 +168,10 @@ def train_sources(config, workdir: Path) -> dict[str, dict]:
                     bin_name,
                     config.source_training,
                     init,
-                    config_seed(config, "source", index),
+                    settings.config_seed(config, "source", index),
                     writer,
                 )
-            summary[bin_name] = checkpoints.read_metadata(target)
+            summary[bin_name] = checkpoints.read_metadata(folder)
         return summary
     finally:
         if writer is not None:

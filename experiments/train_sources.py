@@ -2,7 +2,8 @@
 
 Every source starts from one shared pretrained initialisation (as in the paper) and is
 saved under `<workdir>/sources/<dataset>/<model>/<bin>/`. Trained bins are skipped; an
-interrupted bin resumes from its last epoch checkpoint.
+interrupted bin resumes from its last epoch checkpoint. Takes the multi-host flags of
+`experiments.distributed`.
 """
 
 from __future__ import annotations
@@ -11,39 +12,27 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import distributed, settings
 from experiments.configs import CONFIG_DIR, expand_config_argument
 from experiments.sources import train_sources
 from grasp_jax import memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config>).")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize (auto-detects TPU/SLURM/etc.)."
-)
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-
-
-def initialize_distributed() -> None:
-    """Joins a multi-process job when asked (any of the flags above)."""
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
-        )
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    initialize_distributed()
+    distributed.initialize()
     config = _CONFIG.value
+    try:
+        settings.check(config)
+    except settings.ConfigError as err:
+        raise app.UsageError(str(err)) from err
     workdir = Path(_WORKDIR.value or f"runs/{config.name}")
     start = time.perf_counter()
     summary = train_sources(config, workdir)

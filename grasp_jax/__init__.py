@@ -3,11 +3,13 @@
 The kernels are pure functions over pytrees (e.g. Flax `params`), jitted by XLA:
 `alignment_scores` scores how two models' gradients agree, `transfer` takes the agreeing
 units of a source model, `merge_step` does both in one donating program, and
-`summed_gradients` sums gradients over alignment batches.
+`summed_gradients` sums gradients over alignment batches. `run_grasp` sequences whole
+GRASP runs from `GraspSteps` (`default_steps` builds them on the library's `fit`).
 """
 
 from grasp_jax.alignment import GRANULARITIES, alignment_scores
 from grasp_jax.gradients import summed_gradients
+from grasp_jax.grasp import FineTuned, GraspConfig, GraspSteps, default_steps, run_grasp
 from grasp_jax.merge import MergeStats, merge_step
 from grasp_jax.transfer import MODES, transfer
 
@@ -16,9 +18,14 @@ __version__ = "0.1.0"
 __all__ = [
     "GRANULARITIES",
     "MODES",
+    "FineTuned",
+    "GraspConfig",
+    "GraspSteps",
     "MergeStats",
     "alignment_scores",
+    "default_steps",
     "merge_step",
+    "run_grasp",
     "summed_gradients",
     "transfer",
 ]

@@ -1,8 +1,10 @@
-"""Source-model checkpoints: params, batch_stats and metadata as separate Orbax items.
+"""Checkpoints: finished models (`save_variables`) and resumable training (`TrainProgress`).
 
-Separate items because Orbax restores whole items: the GRASP runner can restore only
-`params` (what the merge kernels see) or both, into an abstract target made with
-`jax.eval_shape`, so no throwaway initialisation is ever allocated.
+A model is saved as params, batch_stats and metadata, separate Orbax items because Orbax
+restores whole items: the GRASP runner can restore only `params` (what the merge kernels
+see) or both, into an abstract target made with `jax.eval_shape`, so no throwaway
+initialisation is ever allocated. A training run saves its state, its best variables so
+far and its history after every epoch, and resumes from the last one.
 """
 
 from __future__ import annotations
@@ -122,3 +124,81 @@ def _compare(target: PyTree, stored: PyTree, where: str, item: str) -> None:
             f"unexpected {unexpected[:5]}, shape mismatches {reshaped[:5]}. Was it "
             "trained with another model or number of classes?"
         )
+
+
+class TrainProgress:
+    """Per-epoch checkpoints of a training run under `workdir/checkpoints` (the last one
+    kept): the train state, the best variables so far, the best accuracy and history."""
+
+    def __init__(self, workdir: str | Path):
+        self._manager = ocp.CheckpointManager(
+            Path(workdir).absolute() / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        )
+
+    def last_epoch(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, epoch: int, state, best: dict, history: list[dict]) -> None:
+        self._manager.save(
+            epoch,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                best_params=ocp.args.StandardSave(best["variables"]["params"]),
+                best_batch_stats=ocp.args.StandardSave(best["variables"]["batch_stats"]),
+                progress=ocp.args.JsonSave(
+                    {
+                        "best_accuracy": best["accuracy"],
+                        "best_epoch": best["epoch"],
+                        "history": history,
+                    }
+                ),
+            ),
+        )
+
+    def restore(self, state, sharding) -> tuple[Any, dict, list[dict]]:
+        """The last epoch's (state, best, history), the state placed like `sharding`."""
+        abstract_state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state
+        )
+        host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        restored = self._manager.restore(
+            self.last_epoch(),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                best_params=ocp.args.StandardRestore(host.params),
+                best_batch_stats=ocp.args.StandardRestore(host.batch_stats),
+                progress=ocp.args.JsonRestore(),
+            ),
+        )
+        progress = restored.progress
+        best = {
+            "accuracy": progress["best_accuracy"],
+            "epoch": progress["best_epoch"],
+            "variables": to_host(
+                {"params": restored.best_params, "batch_stats": restored.best_batch_stats}
+            ),
+        }
+        return restored.state, best, progress["history"]
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """NumPy copies of a tree's arrays (what a run keeps of its best epoch)."""
+    return jax.tree.map(np.asarray, tree)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded with every checkpoint, for reproducibility."""
+    import flax
+    import optax
+
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "orbax": getattr(ocp, "__version__", "unknown"),
+    }

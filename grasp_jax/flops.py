@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from grasp_jax import input_pipeline as ip
-from grasp_jax import train
+from grasp_jax import recipe, train
+from grasp_jax.merge import merge_program
 
 
 def cost_analysis(lowered) -> dict:
@@ -16,15 +17,14 @@ def cost_analysis(lowered) -> dict:
     return analysis[0] if isinstance(analysis, list) else analysis
 
 
-def compiled_flops(jitted, *args) -> float:
-    """FLOPs of one call of `jitted` on (abstract) `args`, per XLA."""
-    return float(cost_analysis(jitted.lower(*args)).get("flops", 0.0))
+def lowered_flops(lowered) -> float:
+    """FLOPs of one call of a lowered program, per XLA."""
+    return float(cost_analysis(lowered).get("flops", 0.0))
 
 
 def step_flops(model, abstract_variables: dict, pipeline: ip.PipelineConfig) -> dict:
     """FLOPs of one training step and one evaluation step on a full batch."""
-    config = train.TrainConfig(augment=False)
-    tx = train.make_optimizer(config, 1)
+    tx = recipe.make_optimizer(recipe.TrainConfig(augment=False), 1)
     state = jax.eval_shape(lambda v: train.create_train_state(v, tx, 0), abstract_variables)
     n, size = pipeline.batch_size, pipeline.crop_size
     batch = {
@@ -32,11 +32,12 @@ def step_flops(model, abstract_variables: dict, pipeline: ip.PipelineConfig) -> 
         "label": jax.ShapeDtypeStruct((n,), jnp.int32),
     }
     eval_batch = dict(batch, valid=jax.ShapeDtypeStruct((n,), jnp.float32))
+    statics = {"model": model, "pipeline": pipeline}
+    train_lowered = train.train_step.lower(state, batch, augment=False, **statics)
+    eval_lowered = train.eval_step.lower(state.variables, eval_batch, **statics)
     return {
-        "train_step": compiled_flops(
-            train._train_step, model, pipeline, config, 1, state, batch
-        ),
-        "eval_step": compiled_flops(train._eval_step, model, pipeline, state, eval_batch),
+        "train_step": lowered_flops(train_lowered),
+        "eval_step": lowered_flops(eval_lowered),
         "batch_size": n,
         "params": sum(x.size for x in jax.tree.leaves(abstract_variables["params"])),
     }
@@ -44,9 +45,7 @@ def step_flops(model, abstract_variables: dict, pipeline: ip.PipelineConfig) -> 
 
 def merge_flops(abstract_params) -> float:
     """FLOPs of one `merge_step` on trees of these shapes (tensor, hard)."""
-    from grasp_jax.merge import _merge_program
-
-    lowered = _merge_program.lower(
+    lowered = merge_program.lower(
         *[abstract_params] * 4, 0.3, 1e-8, granularity="tensor", mode="hard"
     )
-    return float(cost_analysis(lowered).get("flops", 0.0))
+    return lowered_flops(lowered)

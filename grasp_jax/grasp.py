@@ -1,12 +1,16 @@
-"""The sequential GRASP driver: one source at a time, merged by gradient alignment.
+"""GRASP as a sequencer: one source at a time, merged by gradient alignment.
 
 As the reference codes it (REFERENCE.md 4): fine-tune the first source on the target for
 `initial_epochs`; then for each further source: restore it, sum both models' gradients
 over `num_alignment_batches` target-train batches (the current model in train mode, so
 dropout is on and its BatchNorm statistics move, as in the reference; the source in eval
-mode), `merge_step`, then fine-tune for `finetune_epochs` with a fresh AdamW and a
-per-epoch cosine, keeping the best-validation state. BatchNorm statistics never transfer.
-Only the current model and the one source being merged are alive at any time.
+mode), `merge_step`, then fine-tune for `finetune_epochs`. BatchNorm statistics never
+transfer. Only the current model and the one source being merged are alive at any time.
+
+`run_grasp` only sequences. How to fine-tune, which batches to align on and how to take
+gradients are `GraspSteps`, plain functions: `default_steps` builds them on the library's
+`loop.fit` (a fresh AdamW with a per-epoch cosine, best-validation restore, as the
+reference), and a user's own training loop can supply its own.
 """
 
 from __future__ import annotations
@@ -15,21 +19,24 @@ import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from grasp_jax import evaluation, loop, objective, recipe, seeding
 from grasp_jax import input_pipeline as ip
-from grasp_jax import seeding, train
+from grasp_jax.alignment import GRANULARITIES
+from grasp_jax.gradients import summed_gradients
 from grasp_jax.merge import merge_step
-from grasp_jax.tree_checks import leaves_with_paths
+from grasp_jax.transfer import MODES
+from grasp_jax.tree_checks import PyTree, leaves_with_paths
 
 Variables = dict[str, Any]
 SourceLoader = Callable[[], Variables]  # restores one source's variables when called
+ALIGNMENT_MODES = ("train", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +54,20 @@ class GraspConfig:
     alignment_current_mode: str = "train"  # the reference's; "eval" is the cleaner one
     augment: bool = True
 
-    def stage_config(self, epochs: int) -> train.TrainConfig:
+    def __post_init__(self):
+        for name, valid in (
+            ("granularity", GRANULARITIES),
+            ("mode", MODES),
+            ("alignment_current_mode", ALIGNMENT_MODES),
+        ):
+            if getattr(self, name) not in valid:
+                raise ValueError(
+                    f"grasp.{name}={getattr(self, name)!r}; use one of {list(valid)}"
+                )
+
+    def stage_config(self, epochs: int) -> recipe.TrainConfig:
         """The reference's `fine_tune_model`: plain AdamW, cosine per epoch, no clipping."""
-        return train.TrainConfig(
+        return recipe.TrainConfig(
             epochs=epochs,
             learning_rate=self.learning_rate,
             head_lr_multiplier=1.0,
@@ -58,6 +76,30 @@ class GraspConfig:
             schedule="cosine_per_epoch",
             augment=self.augment,
         )
+
+
+class FineTuned(NamedTuple):
+    """What a fine-tuning step returns: the variables to go on with, and its record."""
+
+    variables: Variables
+    best_val_accuracy: float | None = None
+    history: Sequence[dict] = ()
+
+
+class GraspSteps(NamedTuple):
+    """The training pieces `run_grasp` sequences, as plain functions.
+
+    finetune(variables, epochs, key, label) -> FineTuned
+    alignment_batches(key) -> the batches both models are scored on
+    gradients(variables, batches, train_mode) -> (summed params gradients, batch_stats
+        after the batches: moved in train mode, unchanged in eval mode)
+    validate(variables) -> validation accuracy, recorded around each merge (optional)
+    """
+
+    finetune: Callable[[Variables, int, jax.Array, str], FineTuned]
+    alignment_batches: Callable[[jax.Array], Sequence[Any]]
+    gradients: Callable[[Variables, Sequence[Any], bool], tuple[PyTree, PyTree]]
+    validate: Callable[[Variables], float] | None = None
 
 
 @dataclasses.dataclass
@@ -81,65 +123,97 @@ class GraspResult:
     stages: list[StageStats]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "train_mode"))
-def _loss_and_grads(model: nn.Module, params, batch_stats, images, labels, rng, train_mode):
-    """Loss gradient on one batch; in train mode also the updated BatchNorm statistics."""
-
-    def loss_fn(p):
-        variables = {"params": p, "batch_stats": batch_stats}
-        if train_mode:
-            logits, updates = model.apply(
-                variables,
-                images,
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": rng},
-            )
-            return train.cross_entropy(logits, labels), updates.get(
-                "batch_stats", batch_stats
-            )
-        return train.cross_entropy(model.apply(variables, images, train=False), labels), (
-            batch_stats
-        )
-
-    (_, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return jax.tree.map(lambda g: g.astype(jnp.float32), grads), new_stats
-
-
-def alignment_gradients(
-    model: nn.Module,
-    variables: Variables,
-    batches: Sequence[dict],
+def run_grasp(
+    first_source: Variables,
+    later_sources: Iterable[tuple[str, SourceLoader]],
+    steps: GraspSteps,
     *,
-    train_mode: bool,
-) -> tuple[Any, Any]:
-    """Gradients summed over `batches` (preprocessed images) and the final BN statistics."""
-    total, stats = None, variables.get("batch_stats", {})
-    for batch in batches:
-        grads, stats = _loss_and_grads(
-            model,
-            variables["params"],
-            stats,
-            batch["image"],
-            batch["label"],
-            batch["rng"],
-            train_mode,
+    config: GraspConfig,
+    key: jax.Array,
+    first_name: str = "source_0",
+) -> GraspResult:
+    """Runs GRASP from `first_source` through `later_sources`.
+
+    `later_sources` yields `(name, loader)` pairs in merge order; each loader restores one
+    source's variables when called (e.g. from Orbax), so only one source is in memory.
+    A stage of 0 epochs skips its fine-tuning (to study the merges alone). Stage `s`
+    hands `steps` the keys `stream(key, "finetune", s)` and `stream(key, "alignment", s)`.
+    """
+
+    def finetune(variables, epochs: int, stage: int, label: str) -> FineTuned:
+        if epochs == 0:
+            return FineTuned(variables)
+        stage_key = seeding.stream(key, "finetune", stage)
+        return steps.finetune(variables, epochs, stage_key, label)
+
+    def validate(variables):
+        return None if steps.validate is None else steps.validate(variables)
+
+    tuned = finetune(
+        first_source, config.initial_epochs, 0, f"grasp stage 0 ({first_name})"
+    )
+    current = tuned.variables
+    stages = [
+        StageStats(
+            source=first_name,
+            val_accuracy_after_finetune=tuned.best_val_accuracy,
+            history=list(tuned.history),
         )
-        total = grads if total is None else jax.tree.map(jnp.add, total, grads)
-    return total, stats
+    ]
+    for stage, (name, load) in enumerate(later_sources, start=1):
+        stats = StageStats(source=name)
+        batches = steps.alignment_batches(seeding.stream(key, "alignment", stage))
+        stats.val_accuracy_before_merge = validate(current)
+        train_mode = config.alignment_current_mode == "train"
+        grad_current, current_stats = steps.gradients(current, batches, train_mode)
+        source = load()
+        grad_source, _ = steps.gradients(source, batches, False)
+        merged, merge_stats = merge_step(
+            jax.tree.map(jnp.array, current["params"]),  # a copy: merge_step consumes it
+            source["params"],
+            grad_current,
+            grad_source,
+            threshold=config.threshold,
+            granularity=config.granularity,
+            mode=config.mode,
+        )
+        del source, grad_source  # the source's arrays were consumed by merge_step
+        current = {"params": merged, "batch_stats": current_stats}
+        stats.fraction = float(merge_stats.fraction)
+        stats.fraction_by_layer = fraction_by_layer(merge_stats.mask)
+        stats.n_transferred = int(
+            sum(int(np.sum(m)) for m in jax.tree.leaves(merge_stats.mask))
+        )
+        stats.nonfinite_leaves = int(merge_stats.nonfinite)
+        stats.val_accuracy_after_merge = validate(current)
+        tuned = finetune(
+            current, config.finetune_epochs, stage, f"grasp stage {stage} ({name})"
+        )
+        current = tuned.variables
+        stats.val_accuracy_after_finetune = tuned.best_val_accuracy
+        stats.history = list(tuned.history)
+        stages.append(stats)
+    return GraspResult(variables=current, stages=stages)
 
 
-def preprocess_alignment_batches(
-    train_source, pipeline: ip.PipelineConfig, config: GraspConfig, key
+def fraction_by_layer(mask) -> dict[str, float]:
+    return {path: float(np.mean(np.asarray(m))) for path, m in leaves_with_paths(mask)}
+
+
+def alignment_batches(
+    train_split, pipeline: ip.PipelineConfig, config: GraspConfig, key: jax.Array
 ) -> list[dict]:
     """The first `num_alignment_batches` of a fresh pass over the target train split,
     preprocessed once so both models see the same images (as in the reference). Each
-    batch carries the dropout key (`rng`) its train-mode forward pass uses."""
+    batch carries the dropout key (`rng`) its train-mode forward pass uses. Every
+    process reads the whole split, so all of them score (and merge) alike."""
     batches = ip.dataset(
-        train_source,
+        train_split,
         pipeline,
         train=True,
         seed=seeding.int_seed(seeding.stream(key, "data")),
+        shard_index=0,
+        shard_count=1,
     )
     chosen = list(itertools.islice(iter(batches), config.num_alignment_batches))
     out = []
@@ -160,110 +234,54 @@ def preprocess_alignment_batches(
     return out
 
 
-def fraction_by_layer(mask) -> dict[str, float]:
-    return {path: float(np.mean(np.asarray(m))) for path, m in leaves_with_paths(mask)}
+def alignment_gradients(
+    model: nn.Module, variables: Variables, batches: Sequence[dict], train_mode: bool
+) -> tuple[PyTree, PyTree]:
+    """Gradients summed over `batches` and the BatchNorm statistics after them."""
+    return summed_gradients(
+        objective.loss_fn(model, train=train_mode),
+        variables["params"],
+        batches,
+        state=variables.get("batch_stats", {}),
+    )
 
 
-def run_grasp(
+def default_steps(
     model: nn.Module,
-    first_source: Variables,
-    later_sources: Iterable[tuple[str, SourceLoader]],
-    target: dict,
+    splits: dict,
     *,
     config: GraspConfig,
     pipeline: ip.PipelineConfig,
-    key: jax.Array,
-    first_name: str = "source_0",
     progress: bool = True,
-    evaluate_merges: bool = True,
-) -> GraspResult:
-    """Runs GRASP on `target` (a dict with `train` and `validation` splits).
+    validate_merges: bool = True,
+) -> GraspSteps:
+    """GRASP's steps on the library: `loop.fit` on `splits["train"]` with selection on
+    `splits["validation"]`, alignment on the first batches of a fresh train pass."""
 
-    `later_sources` yields `(name, loader)` pairs in merge order; each loader restores one
-    source's variables when called (e.g. from Orbax), so only one source is in memory.
-    A stage of 0 epochs skips its fine-tuning (to study the merges alone). Every random
-    stream (data order, augmentation, dropout) derives from `key` by name and stage.
-    """
-
-    def finetune(variables, epochs: int, stage: int, label: str):
-        if epochs == 0:
-            return variables, None, []
-        fit = train.fit(
+    def finetune(variables, epochs, key, label) -> FineTuned:
+        result = loop.fit(
             model,
             variables,
-            target["train"],
-            target["validation"],
+            splits["train"],
+            splits["validation"],
             config=config.stage_config(epochs),
             pipeline=pipeline,
-            seed=seeding.int_seed(seeding.stream(key, "finetune", stage)),
+            seed=seeding.int_seed(key),
             progress=progress,
             description=label,
         )
-        return fit.variables, fit.best_val_accuracy, fit.history
+        return FineTuned(result.variables, result.best_val_accuracy, result.history)
 
-    current, best, history = finetune(
-        first_source, config.initial_epochs, 0, f"grasp stage 0 ({first_name})"
-    )
-    stages = [
-        StageStats(source=first_name, val_accuracy_after_finetune=best, history=history)
-    ]
-    for stage, (name, load) in enumerate(later_sources, start=1):
-        stats = StageStats(source=name)
-        batches = preprocess_alignment_batches(
-            target["train"], pipeline, config, seeding.stream(key, "alignment", stage)
-        )
-        if evaluate_merges:
-            stats.val_accuracy_before_merge = validation_accuracy(
-                model, current, target, pipeline
-            )
-        grad_current, current_stats = alignment_gradients(
-            model,
-            current,
-            batches,
-            train_mode=config.alignment_current_mode == "train",
-        )
-        source = load()
-        grad_source, _ = alignment_gradients(model, source, batches, train_mode=False)
-        merged, merge_stats = merge_step(
-            jax.tree.map(jnp.array, current["params"]),  # a copy: merge_step consumes it
-            source["params"],
-            grad_current,
-            grad_source,
-            threshold=config.threshold,
-            granularity=config.granularity,
-            mode=config.mode,
-        )
-        del source, grad_source  # the source's arrays were consumed by merge_step
-        current = {"params": merged, "batch_stats": current_stats}
-        stats.fraction = float(merge_stats.fraction)
-        stats.fraction_by_layer = fraction_by_layer(merge_stats.mask)
-        stats.n_transferred = int(
-            sum(int(np.sum(m)) for m in jax.tree.leaves(merge_stats.mask))
-        )
-        stats.nonfinite_leaves = int(merge_stats.nonfinite)
-        if evaluate_merges:
-            stats.val_accuracy_after_merge = validation_accuracy(
-                model, current, target, pipeline
-            )
-        current, stats.val_accuracy_after_finetune, stats.history = finetune(
-            current, config.finetune_epochs, stage, f"grasp stage {stage} ({name})"
-        )
-        stages.append(stats)
-    return GraspResult(variables=current, stages=stages)
+    def validate(variables) -> float:
+        return evaluation.predict(model, variables, splits["validation"], pipeline)[
+            "accuracy"
+        ]
 
-
-def validation_accuracy(model, variables, target, pipeline) -> float:
-    return predict(model, variables, target["validation"], pipeline)["accuracy"]
-
-
-def predict(model: nn.Module, variables: Variables, source, pipeline) -> dict[str, Any]:
-    """Accuracy, logits and labels of `variables` on a split (eval mode)."""
-    state = train.create_train_state(variables, optax.identity(), 0)
-    _, eval_step = train.make_steps(model, pipeline, train.TrainConfig(augment=False), 1)
-    replicated, batch_sharding = train.data_parallel()
-    return train.evaluate(
-        eval_step,
-        jax.device_put(state, replicated),
-        ip.dataset(source, pipeline, train=False),
-        batch_sharding,
+    return GraspSteps(
+        finetune=finetune,
+        alignment_batches=functools.partial(
+            alignment_batches, splits["train"], pipeline, config
+        ),
+        gradients=functools.partial(alignment_gradients, model),
+        validate=validate if validate_merges else None,
     )

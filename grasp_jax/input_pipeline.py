@@ -101,7 +101,7 @@ def host_transform(
 
 
 def dataset(
-    source: Sequence,
+    split: Sequence,
     config: PipelineConfig,
     *,
     train: bool,
@@ -110,7 +110,7 @@ def dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> grain.MapDataset:
-    """Batches of one epoch of `source` (e.g. a `tfds.data_source` split).
+    """Batches of one epoch of `split` (e.g. a split of a `tfds.data_source`).
 
     Train: shuffled, randomly cropped, remainder dropped; the order and crops depend on
     (seed, epoch) only, so a run can be replayed epoch by epoch. Eval: in order, centre
@@ -119,7 +119,7 @@ def dataset(
     """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    ds = grain.MapDataset.source(split)[shard_index::shard_count]
     if train:
         ds = ds.shuffle(seed=hash_seed(seed, epoch, 0))
         ds = ds.random_map(
@@ -157,7 +157,7 @@ def _grayscale(images: jax.Array) -> jax.Array:
     return jnp.sum(images * weights, axis=-1, keepdims=True)
 
 
-def _shift_hue(images: jax.Array, shift: jax.Array) -> jax.Array:
+def shift_hue(images: jax.Array, shift: jax.Array) -> jax.Array:
     """Rotates the hue of RGB images in [0, 1] by `shift` turns (per image)."""
     r, g, b = images[..., 0], images[..., 1], images[..., 2]
     maxc = jnp.max(images, axis=-1)
@@ -195,7 +195,7 @@ def color_jitter(rng: jax.Array, images: jax.Array, config: PipelineConfig) -> j
     f = factor(keys[2], config.saturation)
     images = jnp.clip(f * images + (1 - f) * _grayscale(images), 0.0, 1.0)
     shift = jax.random.uniform(keys[3], (n,), minval=-config.hue, maxval=config.hue)
-    return _shift_hue(images, shift)
+    return shift_hue(images, shift)
 
 
 def normalize(images: jax.Array, config: PipelineConfig) -> jax.Array:
@@ -225,3 +225,19 @@ def shard_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, x), batch
     )
+
+
+def data_parallel() -> tuple[jax.sharding.NamedSharding, jax.sharding.NamedSharding]:
+    """(replicated, batch-sharded) shardings over every device of every process."""
+    # Auto axes: XLA propagates the batch sharding (explicit sharding-in-types would
+    # demand annotations inside every model).
+    mesh = jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return replicated, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def steps_per_epoch(split: Sequence, batch_size: int) -> int:
+    """Full training batches per epoch for each process (the remainder is dropped)."""
+    return len(split) // jax.process_count() // batch_size

@@ -30,10 +30,12 @@ class MergeStats(NamedTuple):
 @functools.partial(
     jax.jit, static_argnames=("granularity", "mode"), donate_argnames=("current",)
 )
-def _merge_program(
+def merge_program(
     current, source, grad_current, grad_source, threshold, eps, *, granularity, mode
 ):
-    """The single XLA program: `merged` is written into the donated `current` buffer."""
+    """The single XLA program behind `merge_step` (which also frees `source`): `merged`
+    is written into the donated `current` buffer. Public for ahead-of-time lowering
+    (`merge_program.lower(...)`, e.g. FLOPs); call `merge_step` to merge."""
     check_same_structure(
         ("current", "source", "grad_current"), current, source, grad_current
     )
@@ -67,7 +69,7 @@ def merge_step(
     traced (changing them does not recompile); `granularity` and `mode` are static.
     Pass `params` only: BatchNorm statistics are not parameters and must not move.
     """
-    merged, stats = _merge_program(
+    merged, stats = merge_program(
         current,
         source,
         grad_current,

@@ -20,17 +20,17 @@ def main(data_dir: str, out: str, epochs: str, process: str = "", port: str = ""
     import tensorflow_datasets as tfds
 
     from grasp_jax import input_pipeline as ip
-    from grasp_jax import models, train
+    from grasp_jax import loop, models, recipe
 
     data = tfds.data_source("digits_drift/d0", data_dir=data_dir)
     module = models.create("small_cnn", 10)
     variables = models.init("small_cnn", 10, jax.random.PRNGKey(0), (1, 32, 32, 3))
-    result = train.fit(
+    result = loop.fit(
         module,
         variables,
         data["train"],
         data["validation"],
-        config=train.TrainConfig(epochs=int(epochs), learning_rate=3e-3, augment=False),
+        config=recipe.TrainConfig(epochs=int(epochs), learning_rate=3e-3, augment=False),
         pipeline=ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32),
         seed=3,
         progress=False,

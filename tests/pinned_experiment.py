@@ -33,9 +33,9 @@ def pinned_config(data_dir):
 
 def measure(data_dir, workdir) -> dict:
     """Per run: test and validation accuracy, validation losses, GRASP's fractions."""
-    from experiments import main
+    from experiments import runner
 
-    main.run_experiment(pinned_config(data_dir), Path(workdir), progress=False)
+    runner.run_experiment(pinned_config(data_dir), Path(workdir), progress=False)
     runs = {}
     for path in sorted((Path(workdir) / "results" / "digits_drift").glob("*/metrics.json")):
         record = json.loads(path.read_text())

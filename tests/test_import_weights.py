@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments import import_weights, main, sources
+from experiments import import_weights, methods, runner, settings, sources
 from experiments.configs import clear10, clear100, yearbook
 from tests import torch_models
 
@@ -19,7 +19,7 @@ def test_reference_configs_are_valid_for_every_model(module, classes, bins):
         config = module.get_config(model)
         assert config.num_classes == classes and len(config.bins) == bins
         assert config.model == (model or "mobilevit_xxs")
-        assert main.check_config(config) == list(config.bins)
+        assert settings.check(config, methods.REGISTRY) == list(config.bins)
         assert (config.pipeline.crop_size, config.pipeline.batch_size) == (224, 32)
         assert config.grasp.learning_rate == 5e-5 and config.source_training.epochs == 15
     with pytest.raises(ValueError, match="unknown model 'vit'"):
@@ -90,9 +90,9 @@ def test_yearbook_experiment_runs_end_to_end_from_imported_weights(tmp_path):
         2,
         str(sources.imported_weights_dir(config, tmp_path / "run")),
     )
-    summary = main.run_experiment(config, tmp_path / "run", progress=False)
+    summary = runner.run_experiment(config, tmp_path / "run", progress=False)
     for method in ("grasp", "ensemble"):
         accuracy = summary["methods"][method]["test_accuracy_mean"]
         assert 0.0 <= accuracy <= 1.0, (method, accuracy)
-        run = main.run_name(config, periods[-1], method, 1)
+        run = runner.run_name(config, periods[-1], method, 1)
         assert (tmp_path / "run/results/yearbook" / run / "metrics.json").exists()

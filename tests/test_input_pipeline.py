@@ -98,7 +98,7 @@ def test_hue_shift_matches_colorsys():
     rng = np.random.default_rng(0)
     pixels = rng.uniform(size=(3, 5, 5, 3)).astype(np.float32)
     shifts = np.array([0.07, -0.1, 0.5], np.float32)
-    got = np.asarray(ip._shift_hue(jnp.asarray(pixels), jnp.asarray(shifts)))
+    got = np.asarray(ip.shift_hue(jnp.asarray(pixels), jnp.asarray(shifts)))
     for n in range(3):
         for y in range(5):
             for x in range(5):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import main
+from experiments import methods, report, runner, settings
 from experiments.configs.digits import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def tiny_config(digits_dir):
 def experiment(digits_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = tiny_config(digits_dir)
-    summary = main.run_experiment(config, workdir, progress=False)
+    summary = runner.run_experiment(config, workdir, progress=False)
     return config, workdir, summary
 
 
@@ -54,7 +54,7 @@ def test_every_method_writes_its_files(experiment):
     results = workdir / "results" / "digits_drift"
     for method in config.methods:
         for trial in (1, 2):
-            run = results / main.run_name(config, "d2", method, trial)
+            run = results / runner.run_name(config, "d2", method, trial)
             record = json.loads((run / "metrics.json").read_text())
             assert record == json.loads((run / "config.json").read_text())
             assert record["method"] == method and record["target"] == "d2"
@@ -89,7 +89,7 @@ def test_seeds_differ_per_trial_and_are_recorded(experiment):
     results = workdir / "results" / "digits_drift"
     seeds = {
         json.loads(
-            (results / main.run_name(config, "d2", m, t) / "metrics.json").read_text()
+            (results / runner.run_name(config, "d2", m, t) / "metrics.json").read_text()
         )["seed"]
         for m in config.methods
         for t in (1, 2)
@@ -113,11 +113,11 @@ def test_summary_has_each_method(experiment):
 def test_rerun_resumes_only_unfinished_runs(experiment):
     config, workdir, _ = experiment
     results = workdir / "results" / "digits_drift"
-    crashed = results / main.run_name(config, "d2", "finetune", 2) / "metrics.json"
-    kept = results / main.run_name(config, "d2", "grasp", 1) / "metrics.json"
+    crashed = results / runner.run_name(config, "d2", "finetune", 2) / "metrics.json"
+    kept = results / runner.run_name(config, "d2", "grasp", 1) / "metrics.json"
     stamp = kept.stat().st_mtime_ns
     crashed.unlink()  # as if the process died before finishing this run
-    main.run_experiment(config, workdir, progress=False)
+    runner.run_experiment(config, workdir, progress=False)
     assert crashed.exists() and kept.stat().st_mtime_ns == stamp
 
 
@@ -125,8 +125,8 @@ def test_finished_runs_with_other_settings_are_not_reused(experiment):
     config, workdir, _ = experiment
     changed = config.copy_and_resolve_references()
     changed.grasp.granularity = "channel"
-    with pytest.raises(main.ConfigError, match=r"other settings \(\['granularity'\]\)"):
-        main.run_experiment(changed, workdir, progress=False)
+    with pytest.raises(settings.ConfigError, match=r"other settings \(\['granularity'\]\)"):
+        runner.run_experiment(changed, workdir, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -134,14 +134,15 @@ def test_finished_runs_with_other_settings_are_not_reused(experiment):
     [
         ("methods", ("grasp", "fusion"), r"unknown method\(s\) \['fusion'\]; choose from"),
         ("targets", ("d9",), r"unknown target\(s\) \['d9'\]; the bins are"),
-        ("sources", "future", "use 'all' or 'past'"),
+        ("sources", "future", r"use one of \['all', 'past'\]"),
+        ("model", "vit", r"config.model='vit'; choose one of \["),
     ],
 )
 def test_bad_experiment_keys_list_the_valid_ones(key, value, message):
     config = get_config()
     setattr(config, key, value)
-    with pytest.raises(main.ConfigError, match=message):
-        main.check_config(config)
+    with pytest.raises(settings.ConfigError, match=message):
+        settings.check(config, methods.REGISTRY)
 
 
 def test_unknown_config_key_is_rejected_on_the_command_line():
@@ -158,5 +159,59 @@ def test_unknown_config_key_is_rejected_on_the_command_line():
 def test_past_sources_only_use_earlier_bins():
     config = get_config()
     config.sources = "past"
-    assert main.source_bins(config, "d2") == ["d0", "d1"]
-    assert main.source_bins(config, "d0") == []
+    assert settings.source_bins(config, "d2") == ["d0", "d1"]
+    assert settings.source_bins(config, "d0") == []
+
+
+def test_two_processes_compute_the_same_results(digits_dir, tmp_path):
+    """`python -m experiments.main` as a two-process job (gloo): both processes print
+    the same summary, and the files on disk hold it."""
+    from tests.test_data_parallel import free_port
+
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.main",
+        "--config=digits:bins=d0+d1+d2,targets=d2,trials=1,methods=grasp+ensemble,"
+        "pretrain.epochs=1,source_training.epochs=1,"
+        "grasp.initial_epochs=1,grasp.finetune_epochs=1",
+        f"--config.data_dir={digits_dir}",
+        f"--workdir={tmp_path}",
+        f"--coordinator=localhost:{port}",
+        "--num_processes=2",
+        "--cpu_collectives=gloo",
+    ]
+    workers = [
+        subprocess.Popen(
+            [*command, f"--process_id={i}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=900)
+        assert worker.returncode == 0, err[-3000:]
+        outputs.append(out[out.index("# digits_drift") :].split("\nresults in")[0])
+    assert outputs[0] == outputs[1]
+    on_disk = (tmp_path / "results/digits_drift/summary.md").read_text()
+    assert outputs[0].strip() == on_disk.strip()
+    assert "| grasp |" in on_disk and "| ensemble |" in on_disk
+
+
+def test_only_process_zero_writes(experiment, tmp_path, monkeypatch):
+    config, workdir, summary = experiment
+    run = workdir / "results/digits_drift" / runner.run_name(config, "d2", "grasp", 1)
+    record = json.loads((run / "metrics.json").read_text())
+    profile = json.loads((run / "memory_profile.json").read_text())
+    monkeypatch.setattr(report.jax, "process_index", lambda: 1)
+    report.write_run(tmp_path / "run", record, profile, [str(i) for i in range(10)], "t")
+    report.write_summary(tmp_path / "summary", summary, "t")
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(report.jax, "process_index", lambda: 0)
+    report.write_run(tmp_path / "run", record, profile, [str(i) for i in range(10)], "t")
+    assert json.loads((tmp_path / "run/metrics.json").read_text()) == record

@@ -17,7 +17,9 @@ def test_per_run_numbers_equal_the_pinned_ones(digits_dir, tmp_path):
         got = runs[name]
         assert got["test_accuracy"] == want["test_accuracy"], name
         assert got["val_accuracy"] == want["val_accuracy"], name
-        # Losses and fractions are floats summed by XLA: equal on one machine, and
-        # within float32 rounding where another CPU vectorises differently.
-        assert got["val_losses"] == pytest.approx(want["val_losses"], rel=1e-5), name
-        assert got["fractions"] == pytest.approx(want["fractions"], rel=1e-5), name
+        assert got["fractions"] == want["fractions"], name
+        # Losses are float sums whose last digits XLA:CPU computes differently between
+        # processes set up differently (measured: 5e-6 relative between this test and
+        # `python -m tests.pinned_experiment`, 1e-4 after a GRASP merge amplifies it);
+        # a changed seed, data order or stage moves them by 1e-2 and more.
+        assert got["val_losses"] == pytest.approx(want["val_losses"], rel=1e-3), name

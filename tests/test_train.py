@@ -1,8 +1,10 @@
-"""The training library: schedule, head LR, clipping, real runs, best/resume, recompiles."""
+"""The training library: recipe (schedule, head LR, clipping), steps, fit (real runs,
+best epoch, resume), no recompiles."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -12,11 +14,11 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
+from grasp_jax import evaluation, loop, models, recipe, train
 from grasp_jax import input_pipeline as ip
-from grasp_jax import models, train
 
 PIPE = ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32)
-FAST = train.TrainConfig(epochs=2, learning_rate=3e-3, augment=False)
+FAST = recipe.TrainConfig(epochs=2, learning_rate=3e-3, augment=False)
 
 
 def reference_factor(step: int, total: int, warmup: int) -> float:
@@ -30,7 +32,7 @@ def reference_factor(step: int, total: int, warmup: int) -> float:
 @pytest.mark.parametrize("step", [0, 1, 7, 19, 20, 21, 80, 149, 150])
 def test_warmup_cosine_schedule_matches_the_reference(step):
     total, warmup = 150, int(150 * 2 / 15)  # 15 epochs of 10 steps: warmup 20
-    schedule = train.make_schedule(dataclasses.replace(FAST, epochs=15), 10)
+    schedule = recipe.make_schedule(dataclasses.replace(FAST, epochs=15), 10)
     assert float(schedule(step)) == pytest.approx(
         FAST.learning_rate * reference_factor(step, total, warmup),
         abs=FAST.learning_rate * 1e-6,  # float32 resolution of the factor
@@ -38,8 +40,8 @@ def test_warmup_cosine_schedule_matches_the_reference(step):
 
 
 def test_cosine_per_epoch_is_the_stage_recipe():
-    config = train.TrainConfig(epochs=3, learning_rate=5e-5, schedule="cosine_per_epoch")
-    schedule = train.make_schedule(config, steps_per_epoch=4)
+    config = recipe.TrainConfig(epochs=3, learning_rate=5e-5, schedule="cosine_per_epoch")
+    schedule = recipe.make_schedule(config, steps_per_epoch=4)
     # CosineAnnealingLR(T_max=3) per epoch: 5e-5, 3.75e-5, 1.25e-5 (REFERENCE.md 4.2).
     got = [float(schedule(s)) for s in (0, 3, 4, 7, 8, 11)]
     np.testing.assert_allclose(
@@ -49,16 +51,16 @@ def test_cosine_per_epoch_is_the_stage_recipe():
 
 def test_head_gets_ten_times_the_learning_rate():
     params = {"conv0": {"kernel": jnp.ones(3)}, "head": {"kernel": jnp.ones(3)}}
-    config = train.TrainConfig(
+    config = recipe.TrainConfig(
         epochs=1, weight_decay=0.0, grad_clip_norm=None, schedule="cosine_per_epoch"
     )
-    tx = train.make_optimizer(config, steps_per_epoch=10)
+    tx = recipe.make_optimizer(config, steps_per_epoch=10)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     updates, _ = tx.update(grads, tx.init(params), params)
     # Adam's first step moves each weight by lr * g / (|g| + eps) ~ lr.
     np.testing.assert_allclose(updates["conv0"]["kernel"], -3e-4, rtol=1e-4)
     np.testing.assert_allclose(updates["head"]["kernel"], -3e-3, rtol=1e-4)
-    assert train.head_labels(params) == {
+    assert recipe.head_labels(params) == {
         "conv0": {"kernel": "backbone"},
         "head": {"kernel": "head"},
     }
@@ -66,7 +68,7 @@ def test_head_gets_ten_times_the_learning_rate():
 
 def test_gradients_are_clipped_by_global_norm_before_adam():
     params = {"a": jnp.zeros(4), "head": {"b": jnp.zeros(4)}}
-    tx = train.make_optimizer(train.TrainConfig(grad_clip_norm=1.0), steps_per_epoch=10)
+    tx = recipe.make_optimizer(recipe.TrainConfig(grad_clip_norm=1.0), steps_per_epoch=10)
     grads = {"a": jnp.full(4, 3.0), "head": {"b": jnp.full(4, 4.0)}}  # global norm 10
     _, state = tx.update(grads, tx.init(params), params)
     first_moments = [
@@ -97,7 +99,7 @@ def splits(digits_dir, name="pretrain"):
 def test_two_epochs_learn_well_above_chance(digits_dir):
     module, variables = small_model()
     data = splits(digits_dir)
-    result = train.fit(
+    result = loop.fit(
         module,
         variables,
         data["train"],
@@ -115,7 +117,7 @@ def test_best_variables_are_the_best_epoch(digits_dir):
     module, variables = small_model()
     data = splits(digits_dir, "d1")
     config = dataclasses.replace(FAST, epochs=4)
-    result = train.fit(
+    result = loop.fit(
         module,
         variables,
         data["train"],
@@ -127,13 +129,7 @@ def test_best_variables_are_the_best_epoch(digits_dir):
     accuracies = [h["val_accuracy"] for h in result.history]
     assert result.best_epoch == int(np.argmax(accuracies))  # first maximum: strict >
     assert result.best_val_accuracy == max(accuracies)
-    state = train.create_train_state(result.variables, optax.identity(), 0)
-    _, eval_step = train.make_steps(module, PIPE, config, 1)
-    replicated, batch_sharding = train.data_parallel()
-    val_batches = ip.dataset(data["validation"], PIPE, train=False)
-    again = train.evaluate(
-        eval_step, jax.device_put(state, replicated), val_batches, batch_sharding
-    )
+    again = evaluation.predict(module, result.variables, data["validation"], PIPE)
     assert again["accuracy"] == pytest.approx(result.best_val_accuracy)
 
 
@@ -156,9 +152,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digits_dir, tmp_
     data = splits(digits_dir, "d0")
     config = dataclasses.replace(FAST, epochs=3)
     kwargs = {"config": config, "pipeline": PIPE, "progress": False, "seed": 5}
-    whole = train.fit(module, variables, data["train"], data["validation"], **kwargs)
+    whole = loop.fit(module, variables, data["train"], data["validation"], **kwargs)
     with pytest.raises(KeyboardInterrupt):
-        train.fit(
+        loop.fit(
             module,
             variables,
             data["train"],
@@ -167,7 +163,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digits_dir, tmp_
             writer=_FailingWriter(fail_at=2),
             **kwargs,
         )
-    resumed = train.fit(
+    resumed = loop.fit(
         module, variables, data["train"], data["validation"], workdir=tmp_path, **kwargs
     )
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
@@ -179,8 +175,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digits_dir, tmp_
 
 def test_a_step_does_not_recompile(compile_count):
     module, variables = small_model()
-    tx = train.make_optimizer(FAST, 10)
-    train_step, _ = train.make_steps(module, PIPE, FAST, 10)
+    tx = recipe.make_optimizer(FAST, 10)
+    train_step = functools.partial(
+        train.train_step, model=module, pipeline=PIPE, augment=FAST.augment
+    )
     state = train.create_train_state(variables, tx, 0)
     rng = np.random.default_rng(0)
 
@@ -201,10 +199,11 @@ def test_a_step_does_not_recompile(compile_count):
 
 def test_bfloat16_compute_keeps_float32_parameters():
     module, variables = small_model(dtype="bfloat16")
-    tx = train.make_optimizer(FAST, 10)
-    train_step, _ = train.make_steps(module, PIPE, FAST, 10)
+    tx = recipe.make_optimizer(FAST, 10)
     state = train.create_train_state(variables, tx, 0)
     batch = {"image": np.zeros((32, 32, 32, 3), np.uint8), "label": np.zeros(32, np.int32)}
-    state, metrics = train_step(state, batch)
+    state, metrics = train.train_step(
+        state, batch, model=module, pipeline=PIPE, augment=False
+    )
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
     assert np.isfinite(float(metrics["loss"]))

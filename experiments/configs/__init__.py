@@ -1,18 +1,26 @@
 """Experiment configs: each module's `get_config(arg)` returns an ml_collections ConfigDict.
 
-`--config=digits` names a module here; a path (`--config=my/config.py`) and an argument
-suffix (`--config=digits:small`) work too, as with ml_collections' config_flags.
+`--config=digits` names a module here; a path (`--config=my/config.py`) works too. The
+argument after the colon is `key=value` pairs, `--config=clear100:model=resnet50,trials=5`
+(dotted keys reach sections: `grasp.threshold=0.5`); a bare value sets the model, so
+`--config=clear100:resnet50` keeps working.
 """
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
+
+import ml_collections
 
 CONFIG_DIR = Path(__file__).parent
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+    """The config modules here: those that define `get_config` (not `base`, `reference`)."""
+    return sorted(
+        p.stem for p in CONFIG_DIR.glob("*.py") if "\ndef get_config(" in p.read_text()
+    )
 
 
 def expand_config_argument(argv: list[str]) -> list[str]:
@@ -31,3 +39,55 @@ def expand_config_argument(argv: list[str]) -> list[str]:
                 arg = f"--config={CONFIG_DIR / name}.py{colon}{rest}"
         expanded.append(arg)
     return expanded
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """`"model=resnet50,trials=5"` -> {"model": "resnet50", "trials": "5"}; a bare value
+    (`"resnet50"`) is the model."""
+    pairs = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, equals, value = item.partition("=")
+        if equals:
+            pairs[key.strip()] = value.strip()
+        else:
+            pairs["model"] = key.strip()
+    return pairs
+
+
+def override(config: ml_collections.ConfigDict, pairs: dict[str, str]):
+    """Sets each dotted key of `pairs`, its text read as the type of the value it
+    replaces; an unknown key is a ValueError that lists the valid ones."""
+    for key, text in pairs.items():
+        *sections, leaf = key.split(".")
+        node = config
+        for section in sections:
+            node = _child(node, section, key)
+        old = _child(node, leaf, key)
+        node[leaf] = _typed(text, old, key)
+    return config
+
+
+def _child(node, name: str, key: str):
+    if name not in node:
+        raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+    return node[name]
+
+
+def _typed(text: str, old, key: str):
+    if isinstance(old, str) or old is None:
+        return text
+    if isinstance(old, bool):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{key}={text!r}; use true or false")
+        return text.lower() == "true"
+    if isinstance(old, tuple):
+        return tuple(filter(None, (t.strip() for t in text.split("+"))))
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(old, float) and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, type(old)):
+        raise ValueError(f"{key}={text!r}; expected a {type(old).__name__}")
+    return value

@@ -1,13 +1,14 @@
 """Yearbook decades: four periods, each a binary earlier/later-decade task.
 
-`--config=yearbook` (MobileViT-XXS) or `--config=yearbook:mobilevit_xs`.
+`--config=yearbook` (MobileViT-XXS), `--config=yearbook:mobilevit_xs` or
+`--config=yearbook:model=resnet50,grasp.threshold=0.5`.
 """
 
 from __future__ import annotations
 
 from data.yearbook import PERIODS
-from experiments.configs._reference import reference_config
+from experiments.configs.reference import reference_config
 
 
-def get_config(model: str | None = None):
-    return reference_config("yearbook", "yearbook", tuple(PERIODS), 2, model)
+def get_config(arg: str | None = None):
+    return reference_config("yearbook", tuple(PERIODS), 2, arg)

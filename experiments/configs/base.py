@@ -1,0 +1,48 @@
+"""The base of every experiment config, built from the library's dataclass defaults (the
+reference's settings); a data set's config overrides only what differs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from grasp_jax.grasp import GraspConfig
+from grasp_jax.input_pipeline import PipelineConfig
+from grasp_jax.recipe import TrainConfig
+
+
+def _section(dataclass_instance, **changes) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dataclasses.asdict(dataclasses.replace(dataclass_instance, **changes))
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = ""
+    config.dataset = ""
+    config.data_dir = ""  # empty: <workdir>/tfds
+    config.bins = ()
+    config.num_classes = 0
+    config.model = "mobilevit_xxs"
+    config.model_overrides = ml_collections.ConfigDict()
+    pipeline = dataclasses.asdict(PipelineConfig())
+    config.pipeline = ml_collections.ConfigDict(
+        {k: pipeline[k] for k in ("resize_size", "crop_size", "batch_size")}
+    )
+    # "imagenet": the weights imported into <workdir>/init/<model> (README); "pretrain":
+    # train once on the data set's `pretrain.data_config` and cache it; or the folder
+    # of any checkpoint saved by grasp_jax.checkpoints.
+    config.init = "imagenet"
+    config.pretrain = _section(TrainConfig())
+    config.pretrain.data_config = "pretrain"
+    config.source_training = _section(TrainConfig())
+    # The experiment (python -m experiments.main).
+    config.methods = ("grasp", "ensemble", "finetune", "target_only")
+    config.targets = ("all",)  # "all": leave-one-out over every bin
+    config.sources = "all"  # "all" other bins (the reference), or "past" bins only
+    config.trials = 3
+    config.grasp = _section(GraspConfig())
+    config.seed = 0
+    return config

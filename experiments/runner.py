@@ -1,0 +1,129 @@
+"""An experiment from config to results: `run_experiment(config, workdir)`.
+
+The walk: validate the config (`settings.check`), train the missing sources
+(`sources.train_sources`), measure the compiled steps' FLOPs once, then for each target
+(default: leave-one-out over all bins), each method of the registry and each trial (a
+distinct, recorded seed): load the target's splits, run the method (`methods.REGISTRY`),
+build its record and write its files (`report`) under
+`results/<dataset>/<model>_<target>_<method>[suffix]_trial<k>/`. Finished runs are
+reused when their settings match, so an interrupted experiment resumes. Ends with
+`results/<dataset>/summary.{json,md,png}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from absl import logging
+
+from experiments import methods, report, settings
+from experiments import sources as src
+from experiments.settings import ConfigError
+from grasp_jax import flops, memory
+
+
+def run_name(config, target: str, method: str, trial: int) -> str:
+    suffix = methods.REGISTRY[method].folder_suffix(config)
+    return f"{config.model}_{target}_{method}{suffix}_trial{trial}"
+
+
+def step_costs(config) -> methods.StepCosts:
+    """FLOPs of the compiled train, eval and merge programs for this config's model."""
+    model, abstract = src.model_and_abstract(config)
+    step = flops.step_flops(model, abstract, settings.pipeline(config))
+    return methods.StepCosts(
+        train_step=step["train_step"],
+        eval_step=step["eval_step"],
+        batch_size=step["batch_size"],
+        params=step["params"],
+        merge=flops.merge_flops(abstract["params"]),
+    )
+
+
+def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
+    """The whole experiment; returns the summary dict."""
+    targets = settings.check(config, methods.REGISTRY)
+    start = time.perf_counter()
+    src.train_sources(config, workdir)
+    costs = step_costs(config)
+    results_dir = workdir / "results" / config.dataset
+    results = []
+    for t_index, target in enumerate(targets):
+        bins = settings.source_bins(config, target)
+        if not bins:
+            logging.warning("target %s has no sources (sources=past); skipped", target)
+            continue
+        splits = src.load_splits(config, workdir, target)
+        class_names = splits["train"].dataset_info.features["label"].names
+        for m_index, name in enumerate(config.methods):
+            method = methods.REGISTRY[name]
+            for trial in range(1, config.trials + 1):
+                out_dir = results_dir / run_name(config, target, name, trial)
+                if (out_dir / "metrics.json").exists():
+                    results.append(reuse_finished(out_dir, method, config))
+                    continue
+                seed = settings.config_seed(config, "run", t_index, m_index, trial)
+                ctx = methods.Context(config, workdir, target, bins, splits, seed, progress)
+                record = run_one(ctx, method, trial, costs, out_dir, class_names)
+                results.append(record)
+    summary = report.summarize(results)
+    summary["config"] = config.to_dict()
+    summary["seconds"] = time.perf_counter() - start
+    report.write_summary(results_dir, summary, f"{config.dataset} / {config.model}")
+    return summary
+
+
+def reuse_finished(out_dir: Path, method: methods.Method, config) -> dict:
+    """A finished run, reused only if it ran with the current settings: result folders
+    are named as the reference's (threshold only), so other settings would collide."""
+    record = json.loads((out_dir / "metrics.json").read_text())
+    expected = method.hyperparameters(config)
+    if record.get("hyperparameters") != expected:
+        stored = record.get("hyperparameters", {})
+        differ = sorted(
+            k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k)
+        )
+        raise ConfigError(
+            f"{out_dir} holds a finished run with other settings ({differ}); "
+            "use another --workdir for this configuration, or delete that folder."
+        )
+    record["method_label"] = method.name
+    return record
+
+
+def memory_checkpoint(log: dict, name: str) -> None:
+    log[name] = {
+        "host_rss_mb": _mb(memory.current_host_memory_bytes()),
+        "host_peak_mb": _mb(memory.peak_host_memory_bytes()),
+        "device_peak_mb": _mb(memory.peak_device_memory_bytes()),
+    }
+
+
+def _mb(value):
+    return value / 2**20 if value is not None else None
+
+
+def run_one(
+    ctx: methods.Context,
+    method: methods.Method,
+    trial: int,
+    costs: methods.StepCosts,
+    out_dir: Path,
+    class_names: list[str],
+) -> dict:
+    """One (target, method, trial): run, evaluate, write every result file."""
+    memory_log: dict = {}
+    memory_checkpoint(memory_log, "experiment_start")
+    start = time.perf_counter()
+    result = method.run(ctx)
+    seconds = time.perf_counter() - start
+    memory_checkpoint(memory_log, "experiment_end")
+    record, profile = report.run_record(
+        ctx, method, trial, result, seconds, costs, memory_log
+    )
+    title = f"{method.name} on {ctx.target}"
+    report.write_run(out_dir, record, profile, class_names, title)
+    record["method_label"] = method.name
+    return record

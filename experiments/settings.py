@@ -1,0 +1,83 @@
+"""Reads an experiment config into the library's typed settings, checking every option
+before any work starts: an unknown name is one ConfigError that lists the valid ones."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from data.build import BUILDERS
+from grasp_jax import models, seeding
+from grasp_jax.grasp import GraspConfig
+from grasp_jax.input_pipeline import PipelineConfig
+from grasp_jax.recipe import TrainConfig
+
+SOURCE_CHOICES = ("all", "past")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names it and the valid choices."""
+
+
+def pipeline(config: ml_collections.ConfigDict) -> PipelineConfig:
+    return PipelineConfig(**config.pipeline.to_dict())
+
+
+def recipe(section: ml_collections.ConfigDict) -> TrainConfig:
+    """A training section (`source_training`, `pretrain`) as the library's recipe."""
+    values = section.to_dict()
+    values.pop("data_config", None)  # where pretraining reads from, not how it trains
+    return TrainConfig(**values)
+
+
+def grasp(config: ml_collections.ConfigDict) -> GraspConfig:
+    return GraspConfig(**config.grasp.to_dict())
+
+
+def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
+    """Validates the whole config; returns the targets. `method_names`: the registry's."""
+    try:
+        for read in (
+            lambda: pipeline(config),
+            lambda: recipe(config.source_training),
+            lambda: recipe(config.pretrain),
+            lambda: grasp(config),
+        ):
+            read()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    if config.dataset not in BUILDERS:
+        raise ConfigError(
+            f"config.dataset={config.dataset!r}; choose one of {sorted(BUILDERS)}"
+        )
+    if config.model not in models.names():
+        raise ConfigError(f"config.model={config.model!r}; choose one of {models.names()}")
+    if method_names is not None:
+        unknown = sorted(set(config.methods) - set(method_names))
+        if unknown:
+            raise ConfigError(
+                f"unknown method(s) {unknown}; choose from {list(method_names)}"
+            )
+    if config.sources not in SOURCE_CHOICES:
+        raise ConfigError(
+            f"config.sources={config.sources!r}; use one of {list(SOURCE_CHOICES)}"
+        )
+    targets = list(config.bins) if "all" in config.targets else list(config.targets)
+    bad = sorted(set(targets) - set(config.bins))
+    if bad:
+        raise ConfigError(f"unknown target(s) {bad}; the bins are {list(config.bins)}")
+    if config.trials < 1:
+        raise ConfigError(f"config.trials={config.trials}; run at least one trial")
+    return targets
+
+
+def config_seed(config: ml_collections.ConfigDict, name: str, *indices: int) -> int:
+    """The integer seed of stream `name` (then `indices`) under `config.seed`."""
+    return seeding.int_seed(seeding.stream(seeding.root_key(config.seed), name, *indices))
+
+
+def source_bins(config: ml_collections.ConfigDict, target: str) -> list[str]:
+    """The bins whose source models serve `target`, in merge order."""
+    bins = list(config.bins)
+    if config.sources == "past":
+        return bins[: bins.index(target)]
+    return [b for b in bins if b != target]

@@ -1,0 +1,111 @@
+"""Configs: one base from the library's defaults, `key=value` arguments, validation of
+every option before any work."""
+
+from __future__ import annotations
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import configs, methods, runner, settings
+from experiments.configs import clear10, clear100, digits, yearbook
+
+# The reference's settings, written out from REFERENCE.md 3.2 and 4 (not read from code).
+REFERENCE_GRASP = {
+    "initial_epochs": 3,
+    "finetune_epochs": 3,
+    "learning_rate": 5e-5,
+    "weight_decay": 0.01,
+    "num_alignment_batches": 1,
+    "threshold": 0.3,
+    "granularity": "tensor",
+    "mode": "hard",
+    "alignment_current_mode": "train",
+    "augment": True,
+}
+REFERENCE_SOURCE_TRAINING = {
+    "epochs": 15,
+    "learning_rate": 3e-4,
+    "head_lr_multiplier": 10.0,
+    "weight_decay": 0.01,
+    "warmup_fraction": 2 / 15,
+    "grad_clip_norm": 1.0,
+    "schedule": "warmup_cosine",
+    "augment": True,
+}
+
+
+def parse(argument: str):
+    """`--config=<argument>` as the commands read it."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values)
+    values(["prog", *configs.expand_config_argument([f"--config={argument}"])])
+    return values.config
+
+
+@pytest.mark.parametrize("module", [clear10, clear100, yearbook])
+def test_reference_configs_hold_the_reference_recipe(module):
+    config = module.get_config()
+    assert config.grasp.to_dict() == REFERENCE_GRASP
+    assert config.source_training.to_dict() == REFERENCE_SOURCE_TRAINING
+    assert (config.pipeline.resize_size, config.pipeline.crop_size) == (256, 224)
+    assert config.trials == 3 and config.init == "imagenet"
+
+
+def test_key_value_arguments_on_the_command_line():
+    config = parse("clear100:model=resnet50,trials=5,grasp.threshold=0.5")
+    assert (config.model, config.name) == ("resnet50", "clear100_resnet50")
+    assert config.trials == 5 and config.grasp.threshold == 0.5
+    assert parse("clear100:resnet50").model == "resnet50"  # the bare form still works
+    assert parse("clear100").model == "mobilevit_xxs"
+
+
+def test_digits_overrides_keep_their_types():
+    config = digits.get_config(
+        "trials=1,methods=grasp+ensemble,grasp.augment=true,grasp.learning_rate=1"
+    )
+    assert config.trials == 1 and config.methods == ("grasp", "ensemble")
+    assert config.grasp.augment is True
+    assert config.grasp.learning_rate == 1.0 and isinstance(
+        config.grasp.learning_rate, float
+    )
+    # What digits changes, and only that, differs from the base.
+    assert config.source_training.learning_rate == 1e-3
+    assert config.source_training.head_lr_multiplier == 10.0
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("nope=1", r"unknown config key 'nope'; valid keys here: \["),
+        ("grasp.nope=1", r"unknown config key 'grasp.nope'; valid keys here: \[.*'mode'"),
+        ("trials=many", r"trials='many'; expected a int"),
+        ("grasp.augment=maybe", r"grasp.augment='maybe'; use true or false"),
+    ],
+)
+def test_bad_arguments_name_the_key(argument, message):
+    with pytest.raises(ValueError, match=message):
+        digits.get_config(argument)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "valid"),
+    [
+        ("grasp", "alignment_current_mode", "trian", "['train', 'eval']"),
+        ("grasp", "granularity", "layer", "['tensor', 'channel', 'element']"),
+        ("grasp", "mode", "hardd", "['hard', 'soft']"),
+        ("source_training", "schedule", "cosine", "['warmup_cosine', 'cosine_per_epoch']"),
+        ("pretrain", "schedule", "linear", "['warmup_cosine', 'cosine_per_epoch']"),
+    ],
+)
+def test_every_string_option_is_checked_before_any_work(
+    tmp_path, section, key, value, valid
+):
+    config = digits.get_config()
+    config[section][key] = value
+    with pytest.raises(settings.ConfigError, match=f"{value!r}; use one of") as err:
+        settings.check(config, methods.REGISTRY)
+    assert valid in str(err.value)
+    with pytest.raises(settings.ConfigError):
+        runner.run_experiment(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing was trained or written
