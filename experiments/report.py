@@ -103,6 +103,29 @@ def write_summary(results_dir: Path, summary: dict, title: str) -> None:
     summary_bar_chart(summary, results_dir / "summary.png", title)
 
 
+def write_source_matrix(results_dir: Path, matrix: dict, title: str) -> None:
+    """`source_matrix.json` and a heat map `source_matrix.png`."""
+    if jax.process_index() != 0:
+        return
+    write_json(results_dir / "source_matrix.json", matrix)
+    plt = _pyplot()
+    values = np.asarray(matrix["accuracy"])
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * values.shape[1], 1.2 + 0.5 * len(values)))
+    ax.imshow(values, cmap="Blues", vmin=0, vmax=1)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            color = "white" if value > 0.5 else "black"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(values.shape[1]), matrix["columns"])
+    ax.set_yticks(range(len(values)), matrix["rows"])
+    ax.set_xlabel("test split of bin")
+    ax.set_ylabel("model")
+    pool = matrix.get("pretrained_pool_test_accuracy")
+    subtitle = f" (start: {pool:.2f} on the pool's test split)" if pool is not None else ""
+    ax.set_title(f"{title}: test accuracy{subtitle}", fontsize=9)
+    save_figure(fig, results_dir / "source_matrix.png")
+
+
 def write_text(path: Path, text: str) -> None:
     """Writes text atomically: a temp file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,10 +207,30 @@ def training_curves_png(history: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def summarize(results: list[dict]) -> dict:
+def paired_difference(differences: list[float]) -> dict:
+    """Mean and two-sided 95 % Student t interval of paired differences (in points);
+    the interval is None for fewer than two pairs."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = float(np.mean(differences)) if n else None
+    interval = None
+    if n >= 2:
+        half = stats.t.ppf(0.975, n - 1) * np.std(differences, ddof=1) / np.sqrt(n)
+        interval = [mean - float(half), mean + float(half)]
+    return {"mean": mean, "ci95": interval, "n_pairs": n, "interval": "student t"}
+
+
+def summarize(results: list[dict], baseline: str = "grasp") -> dict:
     """Per method: test accuracy mean/std (population std, as the reference) over all
-    targets and trials, the run count, and the same per target."""
+    targets and trials, the run count, the same per target, and the paired difference
+    to `baseline` (method minus baseline, in points, over the (target, trial) pairs both
+    ran: they share a seed)."""
     summary: dict = {"methods": {}}
+    accuracy = {
+        (r["method_label"], r["target"], r["trial"]): r["test_metrics"]["accuracy"]
+        for r in results
+    }
     for method in sorted({r["method_label"] for r in results}):
         runs = [r for r in results if r["method_label"] == method]
         accs = [r["test_metrics"]["accuracy"] for r in runs]
@@ -205,7 +248,24 @@ def summarize(results: list[dict]) -> dict:
             "n_runs": len(accs),
             "per_target": per_target,
         }
+        pairs = [
+            100 * (accuracy[key] - accuracy[(baseline, *key[1:])])
+            for key in sorted(k for k in accuracy if k[0] == method)
+            if (baseline, *key[1:]) in accuracy
+        ]
+        if method != baseline and pairs:
+            summary["methods"][method][f"paired_difference_to_{baseline}"] = (
+                paired_difference(pairs)
+            )
     return summary
+
+
+def _difference_cell(entry: dict | None) -> str:
+    if not entry:
+        return "-"
+    interval = entry["ci95"]
+    ci = f" [{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else ""
+    return f"{entry['mean']:+.1f}{ci}"
 
 
 def summary_markdown(summary: dict, title: str) -> str:
@@ -214,15 +274,18 @@ def summary_markdown(summary: dict, title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        "Test accuracy, mean ± std over trials (n runs).",
+        "Test accuracy in %, mean ± population std over trials (n runs); Δ grasp: the "
+        "paired difference to GRASP in points over (target, trial) pairs with the same "
+        "seed, mean [95 % Student t interval].",
         "",
-        "| method | all targets | " + " | ".join(targets) + " |",
-        "|---|---|" + "---|" * len(targets),
+        "| method | all targets | Δ grasp | " + " | ".join(targets) + " |",
+        "|---|---|---|" + "---|" * len(targets),
     ]
     for name, m in methods.items():
         cells = [
             f"{100 * m['test_accuracy_mean']:.1f} ± {100 * m['test_accuracy_std']:.1f}"
-            f" ({m['n_runs']})"
+            f" ({m['n_runs']})",
+            _difference_cell(m.get("paired_difference_to_grasp")),
         ]
         for t in targets:
             pt = m["per_target"].get(t)
@@ -237,13 +300,33 @@ def summary_markdown(summary: dict, title: str) -> str:
 
 
 def summary_bar_chart(summary: dict, path: Path, title: str) -> None:
+    """Accuracy per method, and each method's paired difference to GRASP with its CI."""
     plt = _pyplot()
     names = list(summary["methods"])
     means = [summary["methods"][n]["test_accuracy_mean"] for n in names]
     stds = [summary["methods"][n]["test_accuracy_std"] for n in names]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(names), 3.2))
-    ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(3 + 2.2 * len(names), 3.4))
+    left.bar(names, means, yerr=stds, capsize=4, color="tab:blue")
+    left.set_ylim(0, 1)
+    left.set_ylabel("test accuracy (± std)")
+    diffs = {
+        n: m["paired_difference_to_grasp"]
+        for n, m in summary["methods"].items()
+        if m.get("paired_difference_to_grasp")
+    }
+    for i, entry in enumerate(diffs.values()):
+        low, high = entry["ci95"] or (entry["mean"], entry["mean"])
+        right.errorbar(
+            i,
+            entry["mean"],
+            yerr=[[entry["mean"] - low], [high - entry["mean"]]],
+            fmt="o",
+            capsize=4,
+            color="tab:red",
+        )
+    right.axhline(0, color="grey", lw=0.8)
+    right.set_xticks(range(len(diffs)), list(diffs))
+    right.set_xlim(-0.6, max(len(diffs), 1) - 0.4)
+    right.set_ylabel("minus GRASP, points (95 % CI)")
+    fig.suptitle(title)
     save_figure(fig, path)

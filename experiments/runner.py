@@ -1,10 +1,11 @@
 """An experiment from config to results: `run_experiment(config, workdir)`.
 
-The walk: validate the config (`settings.check`), train the missing sources
-(`sources.train_sources`), measure the compiled steps' FLOPs once, then for each target
-(default: leave-one-out over all bins), each method of the registry and each trial (a
-distinct, recorded seed): load the target's splits, run the method (`methods.REGISTRY`),
-build its record and write its files (`report`) under
+The walk: validate the config (`settings.check`); train the missing sources
+(`sources.train_sources`); write `source_matrix.{json,png}` (the shared start and every
+source on every bin's test split); measure the compiled steps' FLOPs once; then for each
+target (default: leave-one-out over all bins), each trial (a recorded seed, shared by
+every method: paired runs) and each method: load the target's splits, run the method
+(`methods.REGISTRY`), build its record and write its files (`report`) under
 `results/<dataset>/<model>_<target>_<method>[suffix]_trial<k>/`. Finished runs are
 reused when their settings match, so an interrupted experiment resumes. Ends with
 `results/<dataset>/summary.{json,md,png}`.
@@ -47,8 +48,12 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
     targets = settings.check(config, methods.REGISTRY)
     start = time.perf_counter()
     src.train_sources(config, workdir)
-    costs = step_costs(config)
     results_dir = workdir / "results" / config.dataset
+    title = f"{config.dataset} / {config.model}"
+    if not (results_dir / "source_matrix.json").exists():
+        matrix = src.source_matrix(config, workdir, progress=progress)
+        report.write_source_matrix(results_dir, matrix, title)
+    costs = step_costs(config)
     results = []
     for t_index, target in enumerate(targets):
         bins = settings.source_bins(config, target)
@@ -57,21 +62,21 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
             continue
         splits = src.load_splits(config, workdir, target)
         class_names = splits["train"].dataset_info.features["label"].names
-        for m_index, name in enumerate(config.methods):
-            method = methods.REGISTRY[name]
-            for trial in range(1, config.trials + 1):
+        for trial in range(1, config.trials + 1):
+            # One seed per (target, trial), shared by every method: paired runs.
+            seed = settings.config_seed(config, "run", t_index, trial)
+            ctx = methods.Context(config, workdir, target, bins, splits, seed, progress)
+            for name in config.methods:
+                method = methods.REGISTRY[name]
                 out_dir = results_dir / run_name(config, target, name, trial)
                 if (out_dir / "metrics.json").exists():
                     results.append(reuse_finished(out_dir, method, config))
                     continue
-                seed = settings.config_seed(config, "run", t_index, m_index, trial)
-                ctx = methods.Context(config, workdir, target, bins, splits, seed, progress)
-                record = run_one(ctx, method, trial, costs, out_dir, class_names)
-                results.append(record)
+                results.append(run_one(ctx, method, trial, costs, out_dir, class_names))
     summary = report.summarize(results)
     summary["config"] = config.to_dict()
     summary["seconds"] = time.perf_counter() - start
-    report.write_summary(results_dir, summary, f"{config.dataset} / {config.model}")
+    report.write_summary(results_dir, summary, title)
     return summary
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import jax
 import ml_collections
 from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
 from data.build import load_splits as load_data_splits
 from experiments import settings
-from grasp_jax import checkpoints, loop, models
+from grasp_jax import checkpoints, evaluation, loop, models
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> str:
@@ -176,3 +177,36 @@ def train_sources(config, workdir: Path) -> dict[str, dict]:
     finally:
         if writer is not None:
             writer.close()
+
+
+def source_matrix(config, workdir: Path, *, progress: bool = True) -> dict:
+    """Test accuracy of the shared start and of every source on every bin's test split.
+
+    With `init="pretrain"` also the start's accuracy on the pool's own test split. Shows
+    how far each source transfers: well on its own bin, less on distant ones.
+    """
+    model, abstract = model_and_abstract(config)
+    pipeline = settings.pipeline(config)
+    tests = [load_splits(config, workdir, b)["test"] for b in config.bins]
+
+    def accuracies(variables) -> list[float]:
+        return [
+            evaluation.predict(model, variables, test, pipeline)["accuracy"]
+            for test in tests
+        ]
+
+    start = initial_variables(config, workdir, writer=None)
+    accuracy = [accuracies(start)]
+    for bin_name in tqdm(config.bins, desc="source matrix", disable=not progress):
+        accuracy.append(accuracies(restore_source(config, workdir, bin_name, abstract)))
+    matrix = {
+        "rows": ["pretrained", *config.bins],
+        "columns": list(config.bins),
+        "accuracy": accuracy,
+    }
+    if config.init == "pretrain":
+        pool = load_splits(config, workdir, config.pretrain.data_config)["test"]
+        matrix["pretrained_pool_test_accuracy"] = evaluation.predict(
+            model, start, pool, pipeline
+        )["accuracy"]
+    return matrix

@@ -25,19 +25,36 @@ def main(data_dir: str, out: str, epochs: str, process: str = "", port: str = ""
     data = tfds.data_source("digits_drift/d0", data_dir=data_dir)
     module = models.create("small_cnn", 10)
     variables = models.init("small_cnn", 10, jax.random.PRNGKey(0), (1, 32, 32, 3))
+    pipeline = ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32)
     result = loop.fit(
         module,
         variables,
         data["train"],
         data["validation"],
         config=recipe.TrainConfig(epochs=int(epochs), learning_rate=3e-3, augment=False),
-        pipeline=ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32),
+        pipeline=pipeline,
         seed=3,
         progress=False,
     )
     leaves = {
         str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(result.variables))
     }
+    # One batch's gradients and BatchNorm statistics, the batch sharded over all devices.
+    from grasp_jax import objective
+
+    replicated, batch_sharding = ip.data_parallel()
+    batch = next(iter(ip.dataset(data["train"], pipeline, train=True, seed=0)))
+    batch = ip.shard_batch(batch, batch_sharding)
+    inputs = dict(batch, image=ip.normalize(batch["image"], pipeline))
+    grads, (stats, _) = jax.jit(
+        jax.grad(objective.loss_fn(module, train=True), has_aux=True)
+    )(
+        jax.device_put(variables["params"], replicated),
+        jax.device_put(variables["batch_stats"], replicated),
+        dict(inputs, rng=jax.random.PRNGKey(0)),
+    )
+    for i, x in enumerate(jax.tree.leaves((grads, stats))):
+        leaves[f"step{i}"] = np.asarray(x)
     np.savez(out, **leaves)
     with open(out + ".json", "w") as f:
         json.dump(

@@ -34,6 +34,9 @@ def make_bin(root: Path, bin_name: str, classes, *, split: bool, per_class: int 
             seed += 1
 
 
+GOLDEN_SPLIT_HASH = "bd05486dc491f9e1"  # digits_drift 2.0.0
+
+
 def read(name: str, data_dir: Path) -> dict:
     return tfds.data_source(name, data_dir=str(data_dir))
 
@@ -191,16 +194,58 @@ def test_unknown_data_set_or_config():
         build("clear10", configs=["year_11"])
 
 
-def test_digits_drift_partitions_all_images(digits_dir):
+def identities(data_dir, config: str) -> dict[str, set[int]]:
+    splits = read(f"digits_drift/{config}", data_dir)
+    return {name: {int(ex["identity"]) for ex in split} for name, split in splits.items()}
+
+
+def test_digits_drift_test_digits_are_never_trained_on(digits_dir):
+    """Sizes, and no test digit in any train, validation or pretraining split."""
     configs = ["pretrain", *data.digits_drift.DOMAINS]
-    sizes = {
-        c: {k: len(v) for k, v in read(f"digits_drift/{c}", digits_dir).items()}
-        for c in configs
-    }
-    assert sum(sum(s.values()) for s in sizes.values()) == 1797  # sklearn's digits
-    assert 590 <= sum(sizes["pretrain"].values()) <= 610  # about a third
+    ids = {c: identities(digits_dir, c) for c in configs}
+    pool = ids["pretrain"]
+    assert sum(len(v) for v in pool.values()) == 1797  # sklearn's digits, each once
+    assert (len(pool["train"]), len(pool["validation"]), len(pool["test"])) == (
+        1078,
+        269,
+        450,
+    )
+    assert not (pool["train"] & pool["validation"] or pool["train"] & pool["test"])
+    assert not pool["validation"] & pool["test"]
+    seen = set().union(*(ids[c][s] for c in configs for s in ("train", "validation")))
+    for config in data.digits_drift.DOMAINS:
+        assert len(ids[config]["test"]) == 450  # >= 300 per domain
+        assert ids[config]["test"] == pool["test"]
+        assert (len(ids[config]["train"]), len(ids[config]["validation"])) == (250, 60)
+    assert not seen & pool["test"]
     example = read("digits_drift/d0", digits_dir)["train"][0]
     assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.uint8
+
+
+def test_digits_drift_splits_are_pinned(digits_dir):
+    """A golden hash of every split's identities and labels: the partition and draws
+    must not move with the machine, the NumPy version or file order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for config in ["pretrain", *data.digits_drift.DOMAINS]:
+        for name, split in sorted(read(f"digits_drift/{config}", digits_dir).items()):
+            pairs = sorted((int(ex["identity"]), int(ex["label"])) for ex in split)
+            digest.update(f"{config}/{name}:{pairs}".encode())
+    assert digest.hexdigest()[:16] == GOLDEN_SPLIT_HASH
+
+
+def test_digits_drift_copies_differ_between_domains(digits_dir):
+    """Each domain renders its own copy of a shared test digit (drift and jitter)."""
+    first = {
+        c: read(f"digits_drift/{c}", digits_dir)["test"][0]
+        for c in ("pretrain", *data.digits_drift.DOMAINS)
+    }
+    assert len({int(ex["identity"]) for ex in first.values()}) == 1
+    images = [ex["image"].astype(int) for ex in first.values()]
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert np.abs(images[i] - images[j]).mean() > 1
 
 
 def test_digits_drift_is_real_drift(digits_dir):

@@ -30,11 +30,20 @@ def run_fit(data_dir, out: Path, devices: int, epochs: int = 2) -> tuple[dict, d
 
 
 def test_eight_devices_match_one(digits_dir, tmp_path):
+    """Same batch, same gradients and BatchNorm statistics; same training curve.
+
+    Parameters after AdamW training are not compared: Adam moves every entry by about
+    the learning rate whatever its gradient's size, so entries whose gradient is near
+    zero take the sign of float noise (measured: 0.015 apart after 7 steps, while the
+    losses agree to 1e-5 and the validation accuracy is identical)."""
     one, meta_one = run_fit(digits_dir, tmp_path / "one", devices=1)
     eight, meta_eight = run_fit(digits_dir, tmp_path / "eight", devices=8)
     assert meta_one["devices"] == 1 and meta_eight["devices"] == 8
-    for key in one:
-        np.testing.assert_allclose(eight[key], one[key], rtol=1e-3, atol=1e-4)
+    step = [k for k in one if k.startswith("step")]
+    assert len(step) == 17  # 11 parameter gradients, 6 BatchNorm statistics
+    for key in step:
+        scale = np.abs(one[key]).max()
+        np.testing.assert_allclose(eight[key], one[key], rtol=1e-3, atol=1e-4 * scale)
     for a, b in zip(meta_one["history"], meta_eight["history"], strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-3
         assert a["val_accuracy"] == b["val_accuracy"]

@@ -79,7 +79,7 @@ def test_two_sources_move_exactly_the_aligned_tensors(splits):
         [(n, loader(n)) for n in sources],
         library_steps(model, splits, MERGE_ONLY),
         config=MERGE_ONLY,
-        key=jax.random.PRNGKey(4),
+        key=jax.random.PRNGKey(5),
     )
     assert loaded == ["near", "far"]  # lazily, one source per stage, in order
     expected_state = current
@@ -88,7 +88,7 @@ def test_two_sources_move_exactly_the_aligned_tensors(splits):
             splits["train"],
             PIPE,
             MERGE_ONLY,
-            seeding.stream(jax.random.PRNGKey(4), "alignment", stage),
+            seeding.stream(jax.random.PRNGKey(5), "alignment", stage),
         )
         moves = expected_moves(model, expected_state, sources[name], batch, 0.3)
         stats = result.stages[stage]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import methods, report, runner, settings
@@ -84,17 +85,74 @@ def test_every_method_writes_its_files(experiment):
     }
 
 
-def test_seeds_differ_per_trial_and_are_recorded(experiment):
+def test_methods_share_a_seed_per_target_and_trial(experiment):
+    """Paired runs: every method of one (target, trial) has the same recorded seed."""
     config, workdir, _ = experiment
     results = workdir / "results" / "digits_drift"
     seeds = {
-        json.loads(
+        (m, t): json.loads(
             (results / runner.run_name(config, "d2", m, t) / "metrics.json").read_text()
         )["seed"]
         for m in config.methods
         for t in (1, 2)
     }
-    assert len(seeds) == 2 * len(config.methods)
+    for trial in (1, 2):
+        assert len({seeds[(m, trial)] for m in config.methods}) == 1
+    assert seeds[("grasp", 1)] != seeds[("grasp", 2)]
+
+
+def test_source_matrix(experiment):
+    _, workdir, _ = experiment
+    results = workdir / "results" / "digits_drift"
+    matrix = json.loads((results / "source_matrix.json").read_text())
+    assert matrix["rows"] == ["pretrained", "d0", "d1", "d2"]
+    assert matrix["columns"] == ["d0", "d1", "d2"]
+    values = np.asarray(matrix["accuracy"])
+    assert values.shape == (4, 3) and ((values >= 0) & (values <= 1)).all()
+    # Accuracies on 450 test images: multiples of 1/450.
+    np.testing.assert_allclose(values * 450, np.round(values * 450), atol=1e-6)
+    assert 0 <= matrix["pretrained_pool_test_accuracy"] <= 1
+    assert (results / "source_matrix.png").stat().st_size > 0
+
+
+def record(method, target, trial, accuracy):
+    return {
+        "method_label": method,
+        "target": target,
+        "trial": trial,
+        "test_metrics": {"accuracy": accuracy},
+    }
+
+
+def test_summary_statistics_on_synthetic_records():
+    grasp = [0.80, 0.70, 0.90, 0.60, 0.75]
+    other = [0.85, 0.70, 0.95, 0.70, 0.70]  # differences: +5, 0, +5, +10, -5 points
+    keys = [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1)]
+    results = [record("grasp", t, k, a) for (t, k), a in zip(keys, grasp, strict=True)]
+    results += [record("other", t, k, a) for (t, k), a in zip(keys, other, strict=True)]
+    results.append(record("other", "d", 1, 0.5))  # no GRASP run to pair with
+    summary = report.summarize(results)
+    entry = summary["methods"]["grasp"]
+    assert entry["test_accuracy_mean"] == pytest.approx(0.75)
+    # population std (ddof 0), as the reference: sqrt(mean of squared deviations)
+    assert entry["test_accuracy_std"] == pytest.approx((0.05 / 5) ** 0.5)
+    assert entry["per_target"]["a"] == {
+        "test_accuracy_mean": pytest.approx(0.75),
+        "test_accuracy_std": pytest.approx(0.05),
+        "n_runs": 2,
+    }
+    assert "paired_difference_to_grasp" not in entry
+    paired = summary["methods"]["other"]["paired_difference_to_grasp"]
+    assert paired["n_pairs"] == 5 and paired["mean"] == pytest.approx(3.0)
+    # deviations from 3: (2, -3, 2, 7, -8), squares sum to 130: sample variance 32.5;
+    # t(0.975, 4) = 2.776445 (tables)
+    half = 2.776445 * 32.5**0.5 / 5**0.5
+    assert paired["ci95"] == pytest.approx([3.0 - half, 3.0 + half], abs=1e-4)
+    single = report.summarize(results[:1] + results[5:6])
+    assert single["methods"]["other"]["paired_difference_to_grasp"]["ci95"] is None
+    text = report.summary_markdown(summary, "t")
+    # other: mean of (85, 70, 95, 70, 70, 50) = 73.3, population std 14.0
+    assert "| other | 73.3 ± 14.0 (6) | +3.0 [-4.1, +10.1] |" in text
 
 
 def test_summary_has_each_method(experiment):

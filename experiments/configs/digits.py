@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pipeline.update(resize_size=32, crop_size=32)
     config.init = "pretrain"  # train once on the clean pool and cache it
     config.pretrain.update(
-        epochs=10, learning_rate=1e-3, head_lr_multiplier=1.0, augment=False
+        epochs=40, learning_rate=1e-3, head_lr_multiplier=1.0, augment=False
     )
     config.source_training.update(epochs=10, learning_rate=1e-3, augment=False)
     # the reference's 5e-5 is for ImageNet-scale models
