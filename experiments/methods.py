@@ -4,10 +4,12 @@ An entry names the method and gives its run function, the hyperparameters its re
 depends on (recorded with every run and compared before a finished run is reused), its
 run-folder suffix and its FLOPs. Adding a method is adding one entry to `REGISTRY`.
 
-grasp: the sequential driver. ensemble: mean logits of all sources (no training; sources
-are streamed, one in memory at a time). finetune: the first source fine-tuned on the
-target for GRASP's total epochs, no merging (what alignment adds). target_only: trained
-from scratch on the target with the source recipe.
+grasp: the sequential driver. grasp_random: the same, but each merge moves as many units
+as GRASP's rule would, chosen at random (what alignment adds beyond moving that much).
+ensemble: mean logits of all sources (no training; sources are streamed, one in memory
+at a time). finetune: the first source fine-tuned on the target for GRASP's total
+epochs, no merging. target_only: trained from scratch on the target with the source
+recipe.
 """
 
 from __future__ import annotations
@@ -110,11 +112,16 @@ TRANSFER_KEYS = (
 )
 
 
-def run_grasp(ctx: Context) -> MethodResult:
+def run_grasp(ctx: Context, merge=grasp.aligned_merge) -> MethodResult:
     cfg = settings.grasp(ctx.config)
     first, *later = ctx.source_bins
     steps = grasp.default_steps(
-        ctx.model, ctx.splits, config=cfg, pipeline=ctx.pipeline, progress=ctx.progress
+        ctx.model,
+        ctx.splits,
+        config=cfg,
+        pipeline=ctx.pipeline,
+        progress=ctx.progress,
+        merge=merge,
     )
     result = grasp.run_grasp(
         ctx.restore(first),
@@ -248,6 +255,15 @@ def _grasp_settings(config) -> dict:
     return config.grasp.to_dict()
 
 
+def grasp_folder_suffix(config) -> str:
+    """`_<round(100 threshold)>` as the reference names GRASP's folders, then the
+    granularity and mode where they are not the reference's (tensor, hard)."""
+    suffix = f"_{round(config.grasp.threshold * 100)}"
+    if (config.grasp.granularity, config.grasp.mode) != ("tensor", "hard"):
+        suffix += f"_{config.grasp.granularity}_{config.grasp.mode}"
+    return suffix
+
+
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
@@ -255,7 +271,14 @@ REGISTRY: dict[str, Method] = {
             "grasp",
             run_grasp,
             _grasp_settings,
-            folder_suffix=lambda config: f"_{round(config.grasp.threshold * 100)}",
+            folder_suffix=grasp_folder_suffix,
+            flops=grasp_flops,
+        ),
+        Method(
+            "grasp_random",
+            functools.partial(run_grasp, merge=grasp.random_merge),
+            _grasp_settings,
+            folder_suffix=grasp_folder_suffix,
             flops=grasp_flops,
         ),
         Method(

@@ -207,8 +207,8 @@ def training_curves_png(history: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def paired_difference(differences: list[float]) -> dict:
-    """Mean and two-sided 95 % Student t interval of paired differences (in points);
+def mean_with_interval(differences: list[float]) -> dict:
+    """Mean and two-sided 95 % Student t interval of `differences` (e.g. paired, in points);
     the interval is None for fewer than two pairs."""
     from scipy import stats
 
@@ -255,7 +255,7 @@ def summarize(results: list[dict], baseline: str = "grasp") -> dict:
         ]
         if method != baseline and pairs:
             summary["methods"][method][f"paired_difference_to_{baseline}"] = (
-                paired_difference(pairs)
+                mean_with_interval(pairs)
             )
     return summary
 
@@ -330,3 +330,77 @@ def summary_bar_chart(summary: dict, path: Path, title: str) -> None:
     right.set_ylabel("minus GRASP, points (95 % CI)")
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def _interval_text(entry: dict, digits: int = 1) -> str:
+    if entry["mean"] is None:
+        return "-"
+    interval = entry["ci95"]
+    ci = f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]" if interval else ""
+    return f"{entry['mean']:.{digits}f}{ci}"
+
+
+def study_markdown(study: dict, title: str) -> str:
+    """The study's table: one row per variant."""
+    lines = [
+        f"# {title}: what alignment adds",
+        "",
+        "Test accuracy in % (mean [95 % Student t interval] over targets x trials), the "
+        "mean share of parameters moved per merge, and the paired difference to staged "
+        "fine-tuning (threshold 1.01: nothing moves) in points.",
+        "",
+        "| method | granularity | mode | threshold | moved | test accuracy | Δ staged |",
+        "|---|---|---|---:|---:|---|---|",
+    ]
+    for row in study["rows"]:
+        lines.append(
+            f"| {row['method']} | {row['granularity']} | {row['mode']} | "
+            f"{row['threshold']:g} | {100 * row['fraction_moved_mean']:.1f} % | "
+            f"{_interval_text(row['test_accuracy'])} | "
+            f"{_interval_text(row['paired_difference_to_staged_finetuning'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_study(results_dir: Path, study: dict, title: str) -> None:
+    """`study.json`, `study.md` and `study.png` (accuracy against share moved)."""
+    if jax.process_index() != 0:
+        return
+    write_json(results_dir / "study.json", study)
+    write_text(results_dir / "study.md", study_markdown(study, title))
+    plt = _pyplot()
+    granularities = sorted({r["granularity"] for r in study["rows"]})
+    fig, axes = plt.subplots(
+        1, len(granularities), figsize=(4.2 * len(granularities), 3.6), sharey=True
+    )
+    styles = {
+        ("grasp", "hard"): ("tab:blue", "o", "GRASP hard"),
+        ("grasp", "soft"): ("tab:green", "s", "GRASP soft"),
+        ("grasp_random", "hard"): ("tab:red", "x", "random units (control)"),
+    }
+    for ax, granularity in zip(np.atleast_1d(axes), granularities, strict=True):
+        for (method, mode), (color, marker, label) in styles.items():
+            rows = [
+                r
+                for r in study["rows"]
+                if (r["granularity"], r["method"], r["mode"]) == (granularity, method, mode)
+            ]
+            rows.sort(key=lambda r: r["fraction_moved_mean"])
+            x = [100 * r["fraction_moved_mean"] for r in rows]
+            y = [r["test_accuracy"]["mean"] for r in rows]
+            bounds = [
+                r["test_accuracy"]["ci95"] or (m, m) for m, r in zip(y, rows, strict=True)
+            ]
+            err = [
+                [m - low for m, (low, _) in zip(y, bounds, strict=True)],
+                [high - m for m, (_, high) in zip(y, bounds, strict=True)],
+            ]
+            ax.errorbar(
+                x, y, yerr=err, fmt=marker + "-", color=color, capsize=3, label=label
+            )
+        ax.set_title(f"granularity: {granularity}", fontsize=9)
+        ax.set_xlabel("parameters moved per merge (%)")
+    np.atleast_1d(axes)[0].set_ylabel("test accuracy (%, 95 % CI)")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, results_dir / "study.png")

@@ -45,8 +45,19 @@ def step_costs(config) -> methods.StepCosts:
 
 def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
     """The whole experiment; returns the summary dict."""
-    targets = settings.check(config, methods.REGISTRY)
     start = time.perf_counter()
+    results = run_methods(config, workdir, progress=progress)
+    summary = report.summarize(results)
+    summary["config"] = config.to_dict()
+    summary["seconds"] = time.perf_counter() - start
+    title = f"{config.dataset} / {config.model}"
+    report.write_summary(workdir / "results" / config.dataset, summary, title)
+    return summary
+
+
+def run_methods(config, workdir: Path, *, progress: bool = True) -> list[dict]:
+    """Every run of the config (finished ones reused); returns their records."""
+    targets = settings.check(config, methods.REGISTRY)
     src.train_sources(config, workdir)
     results_dir = workdir / "results" / config.dataset
     title = f"{config.dataset} / {config.model}"
@@ -73,11 +84,7 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
                     results.append(reuse_finished(out_dir, method, config))
                     continue
                 results.append(run_one(ctx, method, trial, costs, out_dir, class_names))
-    summary = report.summarize(results)
-    summary["config"] = config.to_dict()
-    summary["seconds"] = time.perf_counter() - start
-    report.write_summary(results_dir, summary, title)
-    return summary
+    return results
 
 
 def reuse_finished(out_dir: Path, method: methods.Method, config) -> dict:

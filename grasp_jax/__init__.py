@@ -10,7 +10,7 @@ GRASP runs from `GraspSteps` (`default_steps` builds them on the library's `fit`
 from grasp_jax.alignment import GRANULARITIES, alignment_scores
 from grasp_jax.gradients import summed_gradients
 from grasp_jax.grasp import FineTuned, GraspConfig, GraspSteps, default_steps, run_grasp
-from grasp_jax.merge import MergeStats, merge_step
+from grasp_jax.merge import MergeStats, merge_step, random_merge_step
 from grasp_jax.transfer import MODES, transfer
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "alignment_scores",
     "default_steps",
     "merge_step",
+    "random_merge_step",
     "run_grasp",
     "summed_gradients",
     "transfer",

@@ -30,7 +30,7 @@ from grasp_jax import evaluation, loop, objective, recipe, seeding
 from grasp_jax import input_pipeline as ip
 from grasp_jax.alignment import GRANULARITIES
 from grasp_jax.gradients import summed_gradients
-from grasp_jax.merge import merge_step
+from grasp_jax.merge import merge_step, random_merge_step
 from grasp_jax.transfer import MODES
 from grasp_jax.tree_checks import PyTree, leaves_with_paths
 
@@ -86,6 +86,34 @@ class FineTuned(NamedTuple):
     history: Sequence[dict] = ()
 
 
+def aligned_merge(current, source, grad_current, grad_source, config, key):
+    """GRASP's merge: `merge_step` with the config's threshold, granularity and mode.
+    `current` is consumed (its buffers become the merged tree)."""
+    del key  # deterministic
+    return merge_step(
+        current,
+        source,
+        grad_current,
+        grad_source,
+        threshold=config.threshold,
+        granularity=config.granularity,
+        mode=config.mode,
+    )
+
+
+def random_merge(current, source, grad_current, grad_source, config, key):
+    """The `grasp_random` control: as many units as GRASP would take, chosen at random."""
+    return random_merge_step(
+        current,
+        source,
+        grad_current,
+        grad_source,
+        key=key,
+        threshold=config.threshold,
+        granularity=config.granularity,
+    )
+
+
 class GraspSteps(NamedTuple):
     """The training pieces `run_grasp` sequences, as plain functions.
 
@@ -94,12 +122,15 @@ class GraspSteps(NamedTuple):
     gradients(variables, batches, train_mode) -> (summed params gradients, batch_stats
         after the batches: moved in train mode, unchanged in eval mode)
     validate(variables) -> validation accuracy, recorded around each merge (optional)
+    merge(current, source, grad_current, grad_source, config, key) -> (params,
+        MergeStats): GRASP's `aligned_merge` unless a study swaps it
     """
 
     finetune: Callable[[Variables, int, jax.Array, str], FineTuned]
     alignment_batches: Callable[[jax.Array], Sequence[Any]]
     gradients: Callable[[Variables, Sequence[Any], bool], tuple[PyTree, PyTree]]
     validate: Callable[[Variables], float] | None = None
+    merge: Callable[..., tuple[PyTree, Any]] = aligned_merge
 
 
 @dataclasses.dataclass
@@ -137,7 +168,8 @@ def run_grasp(
     `later_sources` yields `(name, loader)` pairs in merge order; each loader restores one
     source's variables when called (e.g. from Orbax), so only one source is in memory.
     A stage of 0 epochs skips its fine-tuning (to study the merges alone). Stage `s`
-    hands `steps` the keys `stream(key, "finetune", s)` and `stream(key, "alignment", s)`.
+    hands `steps` the keys `stream(key, "finetune", s)`, `stream(key, "alignment", s)`
+    and `stream(key, "merge", s)`.
     """
 
     def finetune(variables, epochs: int, stage: int, label: str) -> FineTuned:
@@ -168,14 +200,13 @@ def run_grasp(
         grad_current, current_stats = steps.gradients(current, batches, train_mode)
         source = load()
         grad_source, _ = steps.gradients(source, batches, False)
-        merged, merge_stats = merge_step(
-            jax.tree.map(jnp.array, current["params"]),  # a copy: merge_step consumes it
+        merged, merge_stats = steps.merge(
+            jax.tree.map(jnp.array, current["params"]),  # a copy: the merge consumes it
             source["params"],
             grad_current,
             grad_source,
-            threshold=config.threshold,
-            granularity=config.granularity,
-            mode=config.mode,
+            config,
+            seeding.stream(key, "merge", stage),
         )
         del source, grad_source  # the source's arrays were consumed by merge_step
         current = {"params": merged, "batch_stats": current_stats}
@@ -254,6 +285,7 @@ def default_steps(
     pipeline: ip.PipelineConfig,
     progress: bool = True,
     validate_merges: bool = True,
+    merge: Callable[..., tuple[PyTree, Any]] = aligned_merge,
 ) -> GraspSteps:
     """GRASP's steps on the library: `loop.fit` on `splits["train"]` with selection on
     `splits["validation"]`, alignment on the first batches of a fresh train pass."""
@@ -284,4 +316,5 @@ def default_steps(
         ),
         gradients=functools.partial(alignment_gradients, model),
         validate=validate if validate_merges else None,
+        merge=merge,
     )

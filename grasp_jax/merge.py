@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from grasp_jax.alignment import Granularity, alignment_scores_impl
 from grasp_jax.transfer import Mode, transfer_impl
@@ -83,3 +84,41 @@ def merge_step(
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
             leaf.delete()
     return merged, stats
+
+
+def random_merge_step(
+    current: PyTree,
+    source: PyTree,
+    grad_current: PyTree,
+    grad_source: PyTree,
+    *,
+    key: jax.Array,
+    threshold: float = 0.3,
+    granularity: Granularity = "tensor",
+    eps: float = 1e-8,
+) -> tuple[PyTree, MergeStats]:
+    """The control for what alignment adds: moves as many units as `merge_step`'s hard
+    rule would (finite `score > threshold`), chosen uniformly at random among all units
+    (tensors, channels or elements as `granularity` makes them), copied whole.
+
+    `MergeStats.scores` are the alignment scores the count came from; `mask` and
+    `fraction` say what actually moved. Not donating: a study control, not a hot path.
+    """
+    scores = alignment_scores_impl(grad_current, grad_source, granularity, eps)
+    leaves, treedef = jax.tree.flatten(scores)
+    sizes = [int(jnp.size(s)) for s in leaves]
+    count = int(sum(int(jnp.sum(jnp.isfinite(s) & (s > threshold))) for s in leaves))
+    picked = jnp.zeros(sum(sizes), jnp.float32)
+    picked = picked.at[jax.random.permutation(key, sum(sizes))[:count]].set(1.0)
+    offsets = np.cumsum([0, *sizes])
+    random_scores = treedef.unflatten(
+        [
+            picked[start:end].reshape(jnp.shape(s))
+            for s, start, end in zip(leaves, offsets[:-1], offsets[1:], strict=True)
+        ]
+    )
+    result = transfer_impl(current, source, random_scores, 0.5, "hard")
+    nonfinite = sum(int(jnp.any(~jnp.isfinite(s))) for s in leaves)
+    return result.params, MergeStats(
+        scores, result.mask, result.fraction, jnp.int32(nonfinite)
+    )

@@ -173,3 +173,48 @@ def test_a_leaf_missing_from_any_tree_is_named(which):
         gj.merge_step(
             trees["current"], trees["source"], trees["grad_current"], trees["grad_source"]
         )
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "element"])
+def test_random_merge_moves_as_many_units_as_grasp_would(granularity):
+    """The grasp_random control against NumPy: the count of units GRASP's rule takes
+    (cosines written here), the same count moved, each a whole copy of the source."""
+    rng = np.random.default_rng(7)
+    shapes = [(3, 4), (5,), (2, 3, 6), (), (4, 4)]
+    current = {f"p{i}": rng.normal(size=s).astype(np.float32) for i, s in enumerate(shapes)}
+    source = {k: v + 1.0 for k, v in current.items()}  # every element differs
+    g_cur = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in current.items()}
+    g_src = {k: v + rng.normal(size=v.shape) * 0.8 for k, v in g_cur.items()}
+    expected = 0
+    for k in current:
+        score = ref.cosine(np.asarray(g_cur[k]), np.asarray(g_src[k]), granularity)
+        expected += int(np.sum(np.asarray(score) > 0.3))
+    assert expected > 0
+    merged, stats = gj.random_merge_step(
+        dict(current),
+        source,
+        g_cur,
+        g_src,
+        key=jax.random.PRNGKey(1),
+        threshold=0.3,
+        granularity=granularity,
+    )
+    moved_units = 0
+    for k, cur in current.items():
+        got = np.asarray(merged[k])
+        taken = got == source[k]
+        assert np.array_equal(taken | (got == cur), np.ones_like(taken))  # copies only
+        if granularity == "tensor" or cur.ndim == 0:
+            assert taken.all() or not taken.any()
+            moved_units += int(taken.all())
+        elif granularity == "channel" and cur.ndim > 1:
+            per_channel = taken.reshape(-1, cur.shape[-1])
+            assert (per_channel.all(axis=0) | ~per_channel.any(axis=0)).all()
+            moved_units += int(per_channel.all(axis=0).sum())
+        else:
+            moved_units += int(taken.sum())
+        np.testing.assert_array_equal(np.asarray(stats.mask[k]), taken)
+    assert moved_units == expected
+    total = sum(v.size for v in current.values())
+    moved = sum(int(np.asarray(m).sum()) for m in jax.tree.leaves(stats.mask))
+    assert float(stats.fraction) == pytest.approx(moved / total)

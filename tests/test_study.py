@@ -1,0 +1,69 @@
+"""`experiments.study` at CI size: a reduced grid, every output, and its invariants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import study
+from tests.test_main import tiny_config
+
+
+@pytest.fixture(scope="module")
+def small_study(digits_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    config = tiny_config(digits_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(study, "THRESHOLDS", (-1.0, 0.3, 1.01))
+        patch.setattr(study, "GRANULARITIES", ("tensor", "channel"))
+        result = study.run_study(config, workdir, progress=False)
+    return config, workdir, result
+
+
+def test_every_variant_has_a_row_and_the_files_exist(small_study):
+    _, workdir, result = small_study
+    # grasp: 2 granularities x 2 modes x 3 thresholds; grasp_random: 2 x threshold 0.3
+    assert len(result["rows"]) == 12 + 2
+    assert {r["n_runs"] for r in result["rows"]} == {2}  # one target x two trials
+    out = workdir / "results" / "digits_drift"
+    assert json.loads((out / "study.json").read_text())["rows"] == result["rows"]
+    assert (out / "study.md").read_text().startswith("# digits_drift / small_cnn")
+    assert (out / "study.png").stat().st_size > 0
+
+
+def row(result, method, threshold, granularity, mode="hard"):
+    (found,) = [
+        r
+        for r in result["rows"]
+        if (r["method"], r["threshold"], r["granularity"], r["mode"])
+        == (method, threshold, granularity, mode)
+    ]
+    return found
+
+
+def test_threshold_extremes_move_everything_or_nothing(small_study):
+    _, _, result = small_study
+    staged = row(result, "grasp", 1.01, "tensor")
+    assert staged["fraction_moved_mean"] == 0.0
+    assert staged["paired_difference_to_staged_finetuning"]["mean"] == 0.0
+    # -1 moves every tensor whose gradients are not exactly opposite: all of them here
+    assert row(result, "grasp", -1.0, "tensor")["fraction_moved_mean"] == 1.0
+    # nothing moves at 1.01 whatever the granularity: identical to staged fine-tuning
+    for granularity in ("tensor", "channel"):
+        same = row(result, "grasp", 1.01, granularity, "soft")
+        assert same["test_accuracy"]["mean"] == staged["test_accuracy"]["mean"]
+
+
+def test_the_random_control_moves_units_not_aligned_ones(small_study):
+    _, workdir, result = small_study
+    random = row(result, "grasp_random", 0.3, "channel")
+    assert 0.0 < random["fraction_moved_mean"] < 1.0
+    runs = workdir / "results" / "digits_drift"
+    folders = sorted(p.name for p in runs.glob("*grasp_random*"))
+    assert folders == [
+        "small_cnn_d2_grasp_random_30_channel_hard_trial1",
+        "small_cnn_d2_grasp_random_30_channel_hard_trial2",
+        "small_cnn_d2_grasp_random_30_trial1",
+        "small_cnn_d2_grasp_random_30_trial2",
+    ]
