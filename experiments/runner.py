@@ -81,28 +81,58 @@ def run_methods(config, workdir: Path, *, progress: bool = True) -> list[dict]:
                 method = methods.REGISTRY[name]
                 out_dir = results_dir / run_name(config, target, name, trial)
                 if (out_dir / "metrics.json").exists():
-                    results.append(reuse_finished(out_dir, method, config))
+                    results.append(
+                        reuse_finished(out_dir, method, run_settings(ctx, method))
+                    )
                     continue
                 results.append(run_one(ctx, method, trial, costs, out_dir, class_names))
     return results
 
 
-def reuse_finished(out_dir: Path, method: methods.Method, config) -> dict:
-    """A finished run, reused only if it ran with the current settings: result folders
-    are named as the reference's (threshold only), so other settings would collide."""
+def run_settings(ctx: methods.Context, method: methods.Method) -> dict:
+    """Everything a run's numbers depend on, recorded with it and compared on reuse."""
+    config = ctx.config
+    return {
+        "hyperparameters": method.hyperparameters(config),
+        "seed": ctx.seed,
+        "sources": ctx.source_bins,
+        "data_version": str(ctx.splits["train"].dataset_info.version),
+        "model": config.model,
+        "model_overrides": config.model_overrides.to_dict(),
+        "num_classes": config.num_classes,
+        "pipeline": config.pipeline.to_dict(),
+        "init": config.init,
+        "pretrain": config.pretrain.to_dict() if config.init == "pretrain" else None,
+        "source_training": config.source_training.to_dict(),
+    }
+
+
+def reuse_finished(out_dir: Path, method: methods.Method, expected: dict) -> dict:
+    """A finished run, reused only if every setting its numbers depend on is the same:
+    result folders are named as the reference's (threshold only), so runs with other
+    settings, seeds or data would otherwise be mixed into the summary."""
     record = json.loads((out_dir / "metrics.json").read_text())
-    expected = method.hyperparameters(config)
-    if record.get("hyperparameters") != expected:
-        stored = record.get("hyperparameters", {})
-        differ = sorted(
-            k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k)
-        )
+    stored = record.get("settings", {})
+    if stored != expected:
+        differ = sorted(_differences(stored, expected))
         raise ConfigError(
             f"{out_dir} holds a finished run with other settings ({differ}); "
             "use another --workdir for this configuration, or delete that folder."
         )
     record["method_label"] = method.name
     return record
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def memory_checkpoint(log: dict, name: str) -> None:
@@ -135,6 +165,7 @@ def run_one(
     record, profile = report.run_record(
         ctx, method, trial, result, seconds, costs, memory_log
     )
+    record["settings"] = run_settings(ctx, method)
     title = f"{method.name} on {ctx.target}"
     report.write_run(out_dir, record, profile, class_names, title)
     record["method_label"] = method.name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,8 +184,33 @@ def test_finished_runs_with_other_settings_are_not_reused(experiment):
     config, workdir, _ = experiment
     changed = config.copy_and_resolve_references()
     changed.grasp.granularity = "channel"
-    with pytest.raises(settings.ConfigError, match=r"other settings \(\['granularity'\]\)"):
+    with pytest.raises(
+        settings.ConfigError, match=r"other settings \(\['hyperparameters.granularity'\]\)"
+    ):
         runner.run_experiment(changed, workdir, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "differ"),
+    [
+        ("seed", 1, "['seed']"),
+        ("pipeline.batch_size", 16, "['pipeline.batch_size']"),
+        ("source_training.learning_rate", 0.5, "['source_training.learning_rate']"),
+    ],
+)
+def test_runs_are_not_reused_when_seed_pipeline_or_sources_changed(
+    experiment, key, value, differ
+):
+    config, workdir, _ = experiment
+    changed = config.copy_and_resolve_references()
+    *sections, leaf = key.split(".")
+    node = changed
+    for section in sections:
+        node = node[section]
+    node[leaf] = value
+    # train_sources would retrain nothing (sources exist): the reuse check must refuse
+    with pytest.raises(settings.ConfigError, match=re.escape(f"other settings ({differ})")):
+        runner.run_methods(changed, workdir, progress=False)
 
 
 @pytest.mark.parametrize(
