@@ -15,20 +15,22 @@ from pathlib import Path
 GOLDEN = Path(__file__).parent / "golden" / "pinned_experiment.json"
 
 
-def pinned_config(data_dir):
-    """Three bins, two leave-one-out targets, one trial, one epoch per phase."""
+def small_config(data_dir, *, targets: str, trials: int):
+    """digits with three bins and one epoch per phase: every code path in seconds.
+    `targets` as the config argument writes them (`d1+d2`)."""
     from experiments.configs.digits import get_config
 
-    config = get_config()
+    config = get_config(
+        f"bins=d0+d1+d2,targets={targets},trials={trials},pretrain.epochs=1,"
+        "source_training.epochs=1,grasp.initial_epochs=1,grasp.finetune_epochs=1"
+    )
     config.data_dir = str(data_dir)
-    config.bins = ("d0", "d1", "d2")
-    config.targets = ("d1", "d2")
-    config.trials = 1
-    config.pretrain.epochs = 1
-    config.source_training.epochs = 1
-    config.grasp.initial_epochs = 1
-    config.grasp.finetune_epochs = 1
     return config
+
+
+def pinned_config(data_dir):
+    """Two leave-one-out targets, one trial."""
+    return small_config(data_dir, targets="d1+d2", trials=1)
 
 
 def measure(data_dir, workdir) -> dict:

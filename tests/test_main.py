@@ -13,6 +13,7 @@ import pytest
 
 from experiments import methods, report, runner, settings
 from experiments.configs.digits import get_config
+from tests import pinned_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {
@@ -30,17 +31,8 @@ METRIC_KEYS = {
 
 
 def tiny_config(digits_dir):
-    """One epoch per stage, three bins, one target: every code path, in seconds."""
-    config = get_config()
-    config.data_dir = str(digits_dir)
-    config.bins = ("d0", "d1", "d2")
-    config.targets = ("d2",)
-    config.trials = 2
-    config.pretrain.epochs = 1
-    config.source_training.epochs = 1
-    config.grasp.initial_epochs = 1
-    config.grasp.finetune_epochs = 1
-    return config
+    """One target, two trials (seeds), one epoch per phase."""
+    return pinned_experiment.small_config(digits_dir, targets="d2", trials=2)
 
 
 @pytest.fixture(scope="module")
