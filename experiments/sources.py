@@ -151,32 +151,35 @@ def initial_variables(config, workdir: Path, writer) -> dict:
 def train_sources(config, workdir: Path) -> dict[str, dict]:
     """Trains the missing sources of `config`; returns each bin's metadata."""
     workdir.mkdir(parents=True, exist_ok=True)
-    # One process writes the event files; every process trains.
-    writer = (
-        SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
-    )
+    missing = [
+        (index, b)
+        for index, b in enumerate(config.bins)
+        if not checkpoints.is_complete(source_dir(config, workdir, b))
+    ]
+    # One process writes the event files, and only when something trains; every
+    # process trains.
+    writer = None
+    if missing and jax.process_index() == 0:
+        writer = SummaryWriter(str(workdir / "tensorboard"))
     try:
-        init = None
-        summary = {}
-        for index, bin_name in enumerate(config.bins):
-            folder = source_dir(config, workdir, bin_name)
-            if not checkpoints.is_complete(folder):
-                init = init or initial_variables(config, workdir, writer)
-                train_one(
-                    config,
-                    workdir,
-                    bin_name,
-                    bin_name,
-                    config.source_training,
-                    init,
-                    settings.config_seed(config, "source", index),
-                    writer,
-                )
-            summary[bin_name] = checkpoints.read_metadata(folder)
-        return summary
+        init = initial_variables(config, workdir, writer) if missing else None
+        for index, bin_name in missing:
+            train_one(
+                config,
+                workdir,
+                bin_name,
+                bin_name,
+                config.source_training,
+                init,
+                settings.config_seed(config, "source", index),
+                writer,
+            )
     finally:
         if writer is not None:
             writer.close()
+    return {
+        b: checkpoints.read_metadata(source_dir(config, workdir, b)) for b in config.bins
+    }
 
 
 def source_matrix(config, workdir: Path, *, progress: bool = True) -> dict:

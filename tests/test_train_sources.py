@@ -38,8 +38,10 @@ def test_sources_share_one_init_and_are_skipped_when_done(digits_dir, tmp_path):
     assert summary["d0"]["seed"] != summary["d1"]["seed"]
     marker = sources.source_dir(config, tmp_path, "d0") / "metadata.json"
     stamp = marker.stat().st_mtime_ns
+    events = sorted((tmp_path / "tensorboard").iterdir())
     again = train_sources(config, tmp_path)  # everything is there: nothing retrains
     assert marker.stat().st_mtime_ns == stamp and again == summary
+    assert sorted((tmp_path / "tensorboard").iterdir()) == events  # no empty event file
     restored = sources.restore_source(config, tmp_path, "d1")
     assert set(restored) == {"params", "batch_stats"}
 
