@@ -94,53 +94,59 @@ def fit(
         disable=not progress,
         leave=False,
     )
-    for epoch in range(first_epoch, config.epochs):
-        epoch_start = time.perf_counter()
-        learning_rate = float(schedule(epoch * steps))
-        step_metrics = []  # stays on device: one host sync per epoch, not per step
-        batches = ip.dataset(train_split, pipeline, train=True, seed=seed, epoch=epoch)
-        for batch in itertools.islice(batches, steps):  # shards may differ by a batch
-            state, metrics = train_step(state, ip.shard_batch(batch, batch_sharding))
-            step_metrics.append(metrics)
-            bar.update(1)
-        means = {
-            k: float(np.mean([m[k] for m in jax.device_get(step_metrics)]))
-            for k in ("loss", "accuracy")
-        }
-        val = evaluation.evaluate(
-            eval_step, state.variables, val_split, pipeline, batch_sharding
-        )
-        record = {
-            "epoch": epoch,
-            "train_loss": means["loss"],
-            "train_accuracy": means["accuracy"],
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "learning_rate": learning_rate,
-            "images_per_second": steps
-            * pipeline.batch_size
-            / (time.perf_counter() - epoch_start),
-        }
-        history.append(record)
-        if val["accuracy"] > best["accuracy"]:
-            best = {
-                "accuracy": val["accuracy"],
-                "epoch": epoch,
-                "variables": to_host(state.variables),
+    try:
+        for epoch in range(first_epoch, config.epochs):
+            epoch_start = time.perf_counter()
+            learning_rate = float(schedule(epoch * steps))
+            step_metrics = []  # stays on device: one host sync per epoch, not per step
+            batches = ip.dataset(train_split, pipeline, train=True, seed=seed, epoch=epoch)
+            for batch in itertools.islice(batches, steps):  # shards may differ by a batch
+                state, metrics = train_step(state, ip.shard_batch(batch, batch_sharding))
+                step_metrics.append(metrics)
+                bar.update(1)
+            means = {
+                k: float(np.mean([m[k] for m in jax.device_get(step_metrics)]))
+                for k in ("loss", "accuracy")
             }
-        bar.set_postfix(
-            epoch=epoch, loss=f"{record['train_loss']:.3f}", val=f"{val['accuracy']:.3f}"
-        )
-        if writer is not None:
-            for key, value in record.items():
-                if key != "epoch":
-                    writer.add_scalar(f"{description}/{key}", value, epoch)
-            writer.flush()
+            val = evaluation.evaluate(
+                eval_step, state.variables, val_split, pipeline, batch_sharding
+            )
+            record = {
+                "epoch": epoch,
+                "train_loss": means["loss"],
+                "train_accuracy": means["accuracy"],
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "learning_rate": learning_rate,
+                "images_per_second": steps
+                * pipeline.batch_size
+                / (time.perf_counter() - epoch_start),
+            }
+            history.append(record)
+            if val["accuracy"] > best["accuracy"]:
+                best = {
+                    "accuracy": val["accuracy"],
+                    "epoch": epoch,
+                    "variables": to_host(state.variables),
+                }
+            bar.set_postfix(
+                epoch=epoch,
+                loss=f"{record['train_loss']:.3f}",
+                val=f"{val['accuracy']:.3f}",
+            )
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "epoch":
+                        writer.add_scalar(f"{description}/{key}", value, epoch)
+                writer.flush()
+            if saved is not None:
+                saved.save(epoch, state, best, history)
+    finally:
+        # An interrupted run still finishes its pending (asynchronous) checkpoint
+        # save, so a rerun never reads a half-written epoch.
+        bar.close()
         if saved is not None:
-            saved.save(epoch, state, best, history)
-    bar.close()
-    if saved is not None:
-        saved.close()
+            saved.close()
     return FitResult(
         variables=best["variables"],
         best_val_accuracy=float(best["accuracy"]),
