@@ -23,11 +23,17 @@ from ml_collections import config_flags
 from experiments import distributed, report, runner
 from experiments.configs import CONFIG_DIR, expand_config_argument
 from experiments.settings import ConfigError
+from grasp_jax.grasp import NOTHING_MOVES
 
-THRESHOLDS = (-1.0, 0.0, 0.1, 0.3, 0.5, 0.7, 1.01)
+THRESHOLDS = (-1.0, 0.0, 0.1, 0.3, 0.5, 0.7, NOTHING_MOVES)
 GRANULARITIES = ("tensor", "channel", "element")
 MODES = ("hard", "soft")
-STAGED = ("grasp", 1.01, "tensor", "hard")  # nothing moves: the baseline of the study
+STAGED = (
+    "grasp",
+    NOTHING_MOVES,
+    "tensor",
+    "hard",
+)  # nothing moves: the baseline of the study
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config>).")

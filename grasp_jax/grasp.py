@@ -37,6 +37,8 @@ from grasp_jax.tree_checks import PyTree, leaves_with_paths
 Variables = dict[str, Any]
 SourceLoader = Callable[[], Variables]  # restores one source's variables when called
 ALIGNMENT_MODES = ("train", "eval")
+# A threshold above any cosine: nothing moves (GRASP reduced to staged fine-tuning).
+NOTHING_MOVES = 1.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,19 @@ class GraspConfig:
                 raise ValueError(
                     f"grasp.{name}={getattr(self, name)!r}; use one of {list(valid)}"
                 )
+        if not (-1.0 <= self.threshold <= 1.0 or self.threshold == NOTHING_MOVES):
+            raise ValueError(
+                f"grasp.threshold={self.threshold!r}; a cosine threshold lies in [-1, 1] "
+                f"(or {NOTHING_MOVES}: nothing moves)"
+            )
+        for name in ("initial_epochs", "finetune_epochs", "num_alignment_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"grasp.{name}={value!r}; use a whole number >= 0")
+        if not self.learning_rate > 0:
+            raise ValueError(
+                f"grasp.learning_rate={self.learning_rate!r}; use a positive number"
+            )
 
     def stage_config(self, epochs: int) -> recipe.TrainConfig:
         """The reference's `fine_tune_model`: plain AdamW, cosine per epoch, no clipping."""
@@ -194,28 +209,15 @@ def run_grasp(
     ]
     for stage, (name, load) in enumerate(later_sources, start=1):
         stats = StageStats(source=name)
-        batches = steps.alignment_batches(seeding.stream(key, "alignment", stage))
         stats.val_accuracy_before_merge = validate(current)
-        train_mode = config.alignment_current_mode == "train"
-        grad_current, current_stats = steps.gradients(current, batches, train_mode)
-        source = load()
-        grad_source, _ = steps.gradients(source, batches, False)
-        merged, merge_stats = steps.merge(
-            jax.tree.map(jnp.array, current["params"]),  # a copy: the merge consumes it
-            source["params"],
-            grad_current,
-            grad_source,
-            config,
-            seeding.stream(key, "merge", stage),
-        )
-        del source, grad_source  # the source's arrays were consumed by merge_step
-        current = {"params": merged, "batch_stats": current_stats}
-        stats.fraction = float(merge_stats.fraction)
-        stats.fraction_by_layer = fraction_by_layer(merge_stats.mask)
-        stats.n_transferred = int(
-            sum(int(np.sum(m)) for m in jax.tree.leaves(merge_stats.mask))
-        )
-        stats.nonfinite_leaves = int(merge_stats.nonfinite)
+        if config.num_alignment_batches == 0:
+            # As the reference: no gradients, no scores, nothing moves (and the source
+            # is never read).
+            stats.fraction_by_layer = fraction_by_layer(
+                jax.tree.map(lambda p: np.zeros((), bool), current["params"])
+            )
+        else:
+            current = _align_and_merge(current, load, steps, config, stats, key, stage)
         stats.val_accuracy_after_merge = validate(current)
         tuned = finetune(
             current, config.finetune_epochs, stage, f"grasp stage {stage} ({name})"
@@ -225,6 +227,31 @@ def run_grasp(
         stats.history = list(tuned.history)
         stages.append(stats)
     return GraspResult(variables=current, stages=stages)
+
+
+def _align_and_merge(current, load, steps, config, stats, key, stage) -> Variables:
+    """One stage's alignment and merge; fills the merge fields of `stats`."""
+    batches = steps.alignment_batches(seeding.stream(key, "alignment", stage))
+    train_mode = config.alignment_current_mode == "train"
+    grad_current, current_stats = steps.gradients(current, batches, train_mode)
+    source = load()
+    grad_source, _ = steps.gradients(source, batches, False)
+    merged, merge_stats = steps.merge(
+        jax.tree.map(jnp.array, current["params"]),  # a copy: the merge consumes it
+        source["params"],
+        grad_current,
+        grad_source,
+        config,
+        seeding.stream(key, "merge", stage),
+    )
+    del source, grad_source  # the source's arrays were consumed by merge_step
+    stats.fraction = float(merge_stats.fraction)
+    stats.fraction_by_layer = fraction_by_layer(merge_stats.mask)
+    stats.n_transferred = int(
+        sum(int(np.sum(m)) for m in jax.tree.leaves(merge_stats.mask))
+    )
+    stats.nonfinite_leaves = int(merge_stats.nonfinite)
+    return {"params": merged, "batch_stats": current_stats}
 
 
 def fraction_by_layer(mask) -> dict[str, float]:

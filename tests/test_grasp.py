@@ -122,7 +122,7 @@ def test_two_sources_move_exactly_the_aligned_tensors(splits):
     )
 
 
-@pytest.mark.parametrize(("threshold", "fraction"), [(-1.01, 1.0), (1.0, 0.0)])
+@pytest.mark.parametrize(("threshold", "fraction"), [(-1.0, 1.0), (1.0, 0.0)])
 def test_threshold_extremes_take_everything_or_nothing(splits, threshold, fraction):
     model = models.create("small_cnn", 10)
     config = MERGE_ONLY.__class__(**{**MERGE_ONLY.__dict__, "threshold": threshold})
@@ -139,6 +139,27 @@ def test_threshold_extremes_take_everything_or_nothing(splits, threshold, fracti
     jax.tree.map(
         np.testing.assert_array_equal, result.variables["params"], expected["params"]
     )
+
+
+def test_no_alignment_batches_moves_nothing_and_never_reads_the_source(splits):
+    """As the reference: zero batches give no scores, so even threshold -1 moves nothing."""
+    model = models.create("small_cnn", 10)
+    fields = {**MERGE_ONLY.__dict__, "threshold": -1.0, "num_alignment_batches": 0}
+    config = MERGE_ONLY.__class__(**fields)
+
+    def never_loaded():
+        raise AssertionError("the source was read")
+
+    result = grasp.run_grasp(
+        variables(0),
+        [("s", never_loaded)],
+        library_steps(model, splits, config),
+        config=config,
+        key=jax.random.PRNGKey(0),
+    )
+    assert result.stages[1].fraction == 0.0 and result.stages[1].n_transferred == 0
+    assert set(result.stages[1].fraction_by_layer.values()) == {0.0}
+    jax.tree.map(np.testing.assert_array_equal, result.variables, variables(0))
 
 
 def test_train_mode_alignment_moves_the_current_batch_stats_as_the_reference(splits):
