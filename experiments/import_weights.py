@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
+from experiments import cli
 from grasp_jax import checkpoints, interop
 
 _MODEL = flags.DEFINE_enum("model", None, sorted(interop.LAYOUTS), "Zoo model name.")
@@ -48,12 +49,10 @@ def import_weights(model: str, weights: str, num_classes: int, out: str, seed: i
 
 def main(argv):
     del argv
-    try:
+    with cli.one_line_errors("experiments.import_weights"):
         path, new_head = import_weights(
             _MODEL.value, _WEIGHTS.value, _NUM_CLASSES.value, _OUT.value, _SEED.value
         )
-    except interop.InteropError as error:  # a bad checkpoint: the message, no traceback
-        raise SystemExit(f"import_weights: {error}") from None
     head = "a new head" if new_head else "the checkpoint's head"
     print(f"wrote {path} ({_MODEL.value}, {_NUM_CLASSES.value} classes, {head})")
 

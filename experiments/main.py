@@ -13,9 +13,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import distributed, report, runner
+from experiments import cli, distributed, report, runner
 from experiments.configs import CONFIG_DIR, expand_config_argument
-from experiments.settings import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config>).")
@@ -27,10 +26,9 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     config = _CONFIG.value
     workdir = Path(_WORKDIR.value or f"runs/{config.name}")
-    try:
+    with cli.one_line_errors("experiments.main"):
+        cli.check_workdir(workdir)
         summary = runner.run_experiment(config, workdir)
-    except ConfigError as err:
-        raise app.UsageError(str(err)) from err
     print()
     print(report.summary_markdown(summary, f"{config.dataset} / {config.model}"))
     print(f"results in {workdir / 'results' / config.dataset}; {summary['seconds']:.0f} s")

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from grasp_jax import metrics
+from grasp_jax import files, metrics
 
 
 def run_record(
@@ -126,13 +126,28 @@ def write_source_matrix(results_dir: Path, matrix: dict, title: str) -> None:
     save_figure(fig, results_dir / "source_matrix.png")
 
 
+class OutputError(OSError):
+    """A result file could not be written (disk full, no permission)."""
+
+
 def write_text(path: Path, text: str) -> None:
-    """Writes text atomically: a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Writes text atomically: a temp file in the same folder, then rename. On failure
+    the temp file is removed and what `path` held before is untouched."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, files.public_mode())
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputError(
+            f"could not write {path} ({err.strerror or err}); free some space or choose a "
+            "writable --workdir, then rerun (finished work is kept and resumed)"
+        ) from None
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -21,7 +21,6 @@ from absl import logging
 
 from experiments import methods, report, settings
 from experiments import sources as src
-from experiments.settings import ConfigError
 from grasp_jax import flops, memory
 
 
@@ -112,27 +111,14 @@ def reuse_finished(out_dir: Path, method: methods.Method, expected: dict) -> dic
     result folders are named as the reference's (threshold only), so runs with other
     settings, seeds or data would otherwise be mixed into the summary."""
     record = json.loads((out_dir / "metrics.json").read_text())
-    stored = record.get("settings", {})
-    if stored != expected:
-        differ = sorted(_differences(stored, expected))
-        raise ConfigError(
-            f"{out_dir} holds a finished run with other settings ({differ}); "
-            "use another --workdir for this configuration, or delete that folder."
-        )
+    settings.require_same(
+        record.get("settings", {}),
+        expected,
+        f"{out_dir} holds a finished run",
+        "use another --workdir for this configuration, or delete that folder",
+    )
     record["method_label"] = method.name
     return record
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    out = []
-    for key in set(a) | set(b):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _differences(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def memory_checkpoint(log: dict, name: str) -> None:

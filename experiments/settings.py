@@ -6,7 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from data.build import BUILDERS
-from grasp_jax import models, seeding
+from grasp_jax import interop, models, seeding
 from grasp_jax.grasp import GraspConfig
 from grasp_jax.input_pipeline import PipelineConfig
 from grasp_jax.recipe import TrainConfig
@@ -51,6 +51,13 @@ def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
         )
     if config.model not in models.names():
         raise ConfigError(f"config.model={config.model!r}; choose one of {models.names()}")
+    if config.init == "imagenet" and config.model not in interop.LAYOUTS:
+        raise ConfigError(
+            f"config.init='imagenet': there are no official weights for {config.model} "
+            f"(only for {sorted(interop.LAYOUTS)}); use init=pretrain or a checkpoint path"
+        )
+    if config.trials < 1:
+        raise ConfigError(f"config.trials={config.trials}; run at least one trial")
     if method_names is not None:
         unknown = sorted(set(config.methods) - set(method_names))
         if unknown:
@@ -65,8 +72,6 @@ def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
     bad = sorted(set(targets) - set(config.bins))
     if bad:
         raise ConfigError(f"unknown target(s) {bad}; the bins are {list(config.bins)}")
-    if config.trials < 1:
-        raise ConfigError(f"config.trials={config.trials}; run at least one trial")
     return targets
 
 
@@ -81,3 +86,22 @@ def source_bins(config: ml_collections.ConfigDict, target: str) -> list[str]:
     if config.sources == "past":
         return bins[: bins.index(target)]
     return [b for b in bins if b != target]
+
+
+def require_same(stored: dict, expected: dict, what: str, fix: str) -> None:
+    """Raises ConfigError naming the dotted keys where `stored` differs from `expected`:
+    finished work is reused only under the settings it was made with."""
+    differ = sorted(_differences(stored, expected))
+    if differ:
+        raise ConfigError(f"{what} with other settings ({differ[:8]}); {fix}.")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out

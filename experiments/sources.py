@@ -8,6 +8,7 @@ live, how a missing one is trained, how one is restored into abstract shapes
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import ml_collections
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
+from data.build import BUILDERS
 from data.build import load_splits as load_data_splits
-from experiments import settings
+from experiments import report, settings
 from grasp_jax import checkpoints, evaluation, loop, models
 
 
@@ -63,21 +65,57 @@ def restore_source(config, workdir: Path, bin_name: str, abstract=None) -> dict:
     )
 
 
+def source_settings(config, section: str, seed: int) -> dict:
+    """Everything a source's weights depend on (`section`: its recipe, `source_training`
+    or `pretrain`), saved with it and compared before it is reused or resumed."""
+    out = {
+        "dataset": config.dataset,
+        "data_version": str(BUILDERS[config.dataset].VERSION),
+        "model": config.model,
+        "model_overrides": config.model_overrides.to_dict(),
+        "num_classes": config.num_classes,
+        "pipeline": config.pipeline.to_dict(),
+        "recipe": config[section].to_dict(),
+        "seed": seed,
+    }
+    if section == "source_training":
+        out["init"] = config.init
+        out["pretrain"] = config.pretrain.to_dict() if config.init == "pretrain" else None
+    return out
+
+
+def reuse_checked(config, workdir: Path, name: str, expected: dict) -> bool:
+    """True if source `name` is trained (under `expected` settings, else ConfigError)."""
+    path = source_dir(config, workdir, name)
+    if not checkpoints.is_complete(path):
+        return False
+    settings.require_same(
+        checkpoints.read_metadata(path).get("settings", {}),
+        expected,
+        f"source {path} was trained",
+        f"use another --workdir for this configuration, or delete {path} to retrain it",
+    )
+    return True
+
+
 def train_one(
     config,
     workdir: Path,
     name: str,
     data_config: str,
-    section,
+    section: str,
     init_variables,
     seed,
     writer,
 ) -> loop.FitResult:
-    """Trains into `<workdir>/sources/.../<name>`; resumes an interrupted run."""
+    """Trains into `<workdir>/sources/.../<name>`; resumes an interrupted run (only
+    under the settings it started with)."""
     module, _ = model_and_abstract(config)
     splits = load_splits(config, workdir, data_config)
     run_dir = workdir / "train_state" / config.dataset / config.model / name
-    recipe = settings.recipe(section)
+    recipe = settings.recipe(config[section])
+    expected = source_settings(config, section, seed)
+    _check_resume(run_dir, expected)
     result = loop.fit(
         module,
         init_variables,
@@ -103,6 +141,7 @@ def train_one(
             "seconds": result.seconds,
             "history": result.history,
             "train_config": dataclasses.asdict(recipe),
+            "settings": expected,
             "config": config.to_dict(),
             "versions": checkpoints.library_versions(),
         },
@@ -110,6 +149,20 @@ def train_one(
     if jax.process_index() == 0:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def _check_resume(run_dir: Path, expected: dict) -> None:
+    """An interrupted training resumes only under its own settings (recorded first)."""
+    recorded = run_dir / "settings.json"
+    if recorded.is_file():
+        settings.require_same(
+            json.loads(recorded.read_text()),
+            expected,
+            f"the interrupted training in {run_dir} was started",
+            f"rerun with those settings to finish it, or delete {run_dir} to start over",
+        )
+    elif jax.process_index() == 0:
+        report.write_json(recorded, expected)
 
 
 def imported_weights_dir(config, workdir: Path) -> Path:
@@ -122,27 +175,31 @@ def initial_variables(config, workdir: Path, writer) -> dict:
     _, abstract = model_and_abstract(config)
     if config.init == "imagenet":
         path = imported_weights_dir(config, workdir)
-        if not checkpoints.is_complete(path):
-            raise FileNotFoundError(
-                f"no imported weights for {config.model} in {path}. Download the official "
-                "ImageNet weights, then run `python -m experiments.import_weights "
-                f"--model={config.model} --weights=PATH --num_classes={config.num_classes} "
-                f"--out={path}` (README: 'Starting from pretrained weights')"
-            )
-        return checkpoints.restore_variables(path, abstract, name="init")
+        fix = (
+            "download the official ImageNet weights, then run `python -m "
+            f"experiments.import_weights --model={config.model} --weights=PATH "
+            f"--num_classes={config.num_classes} --out={path}` (README: 'Starting from "
+            "pretrained weights')"
+        )
+        return checkpoints.restore_variables(path, abstract, name="init", fix=fix)
     if config.init != "pretrain":
-        return checkpoints.restore_variables(config.init, abstract, name="init")
+        fix = (
+            "config.init must be 'pretrain', 'imagenet' or a checkpoint folder written by "
+            "experiments.import_weights or experiments.train_sources"
+        )
+        return checkpoints.restore_variables(config.init, abstract, name="init", fix=fix)
     name = "_pretrained"
-    if not checkpoints.is_complete(source_dir(config, workdir, name)):
+    seed = settings.config_seed(config, "pretrain")
+    if not reuse_checked(config, workdir, name, source_settings(config, "pretrain", seed)):
         fresh = fresh_variables(config, settings.config_seed(config, "pretrain_init"))
         train_one(
             config,
             workdir,
             name,
             config.pretrain.data_config,
-            config.pretrain,
+            "pretrain",
             fresh,
-            settings.config_seed(config, "pretrain"),
+            seed,
             writer,
         )
     return restore_source(config, workdir, name, abstract)
@@ -151,10 +208,13 @@ def initial_variables(config, workdir: Path, writer) -> dict:
 def train_sources(config, workdir: Path) -> dict[str, dict]:
     """Trains the missing sources of `config`; returns each bin's metadata."""
     workdir.mkdir(parents=True, exist_ok=True)
+    seeds = [settings.config_seed(config, "source", i) for i in range(len(config.bins))]
     missing = [
         (index, b)
         for index, b in enumerate(config.bins)
-        if not checkpoints.is_complete(source_dir(config, workdir, b))
+        if not reuse_checked(
+            config, workdir, b, source_settings(config, "source_training", seeds[index])
+        )
     ]
     # One process writes the event files, and only when something trains; every
     # process trains.
@@ -169,9 +229,9 @@ def train_sources(config, workdir: Path) -> dict[str, dict]:
                 workdir,
                 bin_name,
                 bin_name,
-                config.source_training,
+                "source_training",
                 init,
-                settings.config_seed(config, "source", index),
+                seeds[index],
                 writer,
             )
     finally:

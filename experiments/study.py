@@ -20,9 +20,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import distributed, report, runner
+from experiments import cli, distributed, report, runner
 from experiments.configs import CONFIG_DIR, expand_config_argument
-from experiments.settings import ConfigError
 from grasp_jax.grasp import NOTHING_MOVES
 
 THRESHOLDS = (-1.0, 0.0, 0.1, 0.3, 0.5, 0.7, NOTHING_MOVES)
@@ -96,10 +95,9 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     config = _CONFIG.value
     workdir = Path(_WORKDIR.value or f"runs/{config.name}")
-    try:
+    with cli.one_line_errors("experiments.study"):
+        cli.check_workdir(workdir)
         study = run_study(config, workdir)
-    except ConfigError as err:
-        raise app.UsageError(str(err)) from err
     print(report.study_markdown(study, f"{config.dataset} / {config.model}"))
     print(f"results in {workdir / 'results' / config.dataset}/study.{{json,md,png}}")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import distributed, settings
+from experiments import cli, distributed, settings
 from experiments.configs import CONFIG_DIR, expand_config_argument
 from experiments.sources import train_sources
 from grasp_jax import memory
@@ -29,13 +29,12 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     distributed.initialize()
     config = _CONFIG.value
-    try:
-        settings.check(config)
-    except settings.ConfigError as err:
-        raise app.UsageError(str(err)) from err
     workdir = Path(_WORKDIR.value or f"runs/{config.name}")
     start = time.perf_counter()
-    summary = train_sources(config, workdir)
+    with cli.one_line_errors("experiments.train_sources"):
+        settings.check(config)
+        cli.check_workdir(workdir)
+        summary = train_sources(config, workdir)
     print(f"\n{'bin':<12}{'best val acc':>14}{'epoch':>7}{'seconds':>9}")
     for bin_name, meta in summary.items():
         print(

@@ -5,10 +5,15 @@ restores whole items: the GRASP runner can restore only `params` (what the merge
 see) or both, into an abstract target made with `jax.eval_shape`, so no throwaway
 initialisation is ever allocated. A training run saves its state, its best variables so
 far and its history after every epoch, and resumes from the last one.
+
+Every saved item carries a SHA-256 of its arrays (`checksums.json`), checked on restore:
+Orbax reads some corrupted files without complaint, and a model restored wrong would
+silently poison every number computed from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +27,9 @@ from jax.experimental import multihost_utils
 from grasp_jax.tree_checks import PyTree, leaves_with_paths
 
 ITEMS = ("params", "batch_stats")
+CHECKSUMS = "checksums.json"
+# What `save_variables` writes: the only names it may replace in an existing folder.
+OUR_FILES = frozenset({*ITEMS, "metadata.json", CHECKSUMS})
 
 
 class CheckpointError(ValueError):
@@ -31,10 +39,14 @@ class CheckpointError(ValueError):
 def save_variables(path: str | Path, variables: dict, metadata: dict[str, Any]) -> Path:
     """Writes `variables` and `metadata` to `path` atomically (temp folder, then rename).
 
-    Layout: `path/params/`, `path/batch_stats/` (Orbax) and `path/metadata.json`.
+    Layout: `path/params/`, `path/batch_stats/` (Orbax), `path/metadata.json` and
+    `path/checksums.json`. An existing `path` is replaced only if it is a checkpoint of
+    ours: any other folder or file is refused, never deleted.
     """
     path = Path(path).absolute()
     tmp = path.with_name(path.name + ".tmp")
+    _refuse_foreign(path)
+    _refuse_foreign(tmp)
     leader = jax.process_index() == 0  # file operations: one process; arrays: all
     if leader:
         if tmp.exists():
@@ -46,12 +58,40 @@ def save_variables(path: str | Path, variables: dict, metadata: dict[str, Any]) 
             checkpointer.save(tmp / item, variables.get(item, {}))
         checkpointer.wait_until_finished()
     if leader:
+        sums = {item: checksum(variables.get(item, {})) for item in ITEMS}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2))
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=_plain))
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
     multihost_utils.sync_global_devices(f"grasp_jax save done {path}")
     return path
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Raises unless `path` is absent or a folder holding only what we write."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} is a file, not a checkpoint folder; choose a new path."
+        )
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in OUR_FILES)
+    if foreign:
+        raise CheckpointError(
+            f"{path} exists and holds files that are not a grasp-jax checkpoint "
+            f"({foreign[:5]}); choose a new or empty folder (nothing was changed)."
+        )
+
+
+def checksum(tree: PyTree) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes, in flatten order."""
+    digest = hashlib.sha256()
+    for name, leaf in leaves_with_paths(tree):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -61,13 +101,25 @@ def _plain(value: Any) -> Any:
 def is_complete(path: str | Path) -> bool:
     """True when `path` holds a finished checkpoint with every item."""
     path = Path(path)
-    return (path / "metadata.json").is_file() and all((path / i).is_dir() for i in ITEMS)
+    files = ("metadata.json", CHECKSUMS)
+    return all((path / f).is_file() for f in files) and all(
+        (path / i).is_dir() for i in ITEMS
+    )
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata saved with a checkpoint (no arrays are read)."""
-    _require(path, "metadata.json")
-    return json.loads((Path(path) / "metadata.json").read_text())
+    _require(path, "metadata.json", f"checkpoint {path}", "train or import it again")
+    return _read_json(Path(path) / "metadata.json")
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{file} is unreadable ({err}); delete its folder to train it again."
+        ) from None
 
 
 def restore_variables(
@@ -76,37 +128,50 @@ def restore_variables(
     *,
     items: tuple[str, ...] = ITEMS,
     name: str = "",
+    fix: str = "delete it and run again to train it anew, or restore it from a copy",
 ) -> dict:
-    """Restores `items` into the shapes of `abstract_variables` (e.g. `jax.eval_shape`).
+    """Restores `items` into the shapes of `abstract_variables` (e.g. `jax.eval_shape`)
+    and checks them against the checksums saved with them.
 
-    Raises CheckpointError naming `name` (e.g. the bin), the path and the mismatching
-    keys when the checkpoint is missing, partial or of another architecture.
+    Raises CheckpointError naming `name` (e.g. the bin), the path, what is wrong (missing,
+    partial, unreadable, corrupted, of another architecture) and `fix`.
     """
-    label = f"{name}: " if name else ""
-    for item in items:
-        _require(path, item, label)
+    where = f"{name}: checkpoint {path}" if name else f"checkpoint {path}"
+    for item in (*items, CHECKSUMS):
+        _require(path, item, where, fix)
+    expected = _read_json(Path(path) / CHECKSUMS)
     restored = {}
     with ocp.StandardCheckpointer() as checkpointer:
         for item in items:
             directory = Path(path).absolute() / item
             target = abstract_variables.get(item, {})
-            _compare(
-                target,
-                checkpointer.metadata(directory).item_metadata,
-                f"{label}{path}",
-                item,
-            )
-            restored[item] = checkpointer.restore(directory, target)
+            try:
+                stored = checkpointer.metadata(directory).item_metadata
+                _compare(target, stored, where, item)
+                restored[item] = checkpointer.restore(directory, target)
+            except CheckpointError:
+                raise
+            except (ValueError, OSError) as err:
+                raise CheckpointError(
+                    f"{where}: '{item}' is unreadable ({_first_line(err)}); {fix}."
+                ) from None
+            if checksum(restored[item]) != expected.get(item):
+                raise CheckpointError(
+                    f"{where}: '{item}' does not match its checksum in {CHECKSUMS}, the "
+                    f"files are corrupted; {fix}."
+                )
     return restored
 
 
-def _require(path, item: str, label: str = "") -> None:
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def _require(path, item: str, where: str, fix: str) -> None:
     if not (Path(path) / item).exists():
         what = "does not exist" if not Path(path).exists() else f"has no '{item}'"
-        raise CheckpointError(
-            f"{label}checkpoint {path} {what}. Train the source again (the runner does "
-            "this for missing bins) or point to a complete checkpoint."
-        )
+        raise CheckpointError(f"{where} {what}; {fix}.")
 
 
 def _compare(target: PyTree, stored: PyTree, where: str, item: str) -> None:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from grasp_jax import models
+from grasp_jax import files, models
 
 # Each model's layouts; the first is the default for export.
 LAYOUTS = {
@@ -403,6 +403,7 @@ def save_safetensors(
         temporary = Path(tmp.name)
     try:
         save_file(state, str(temporary))
+        os.chmod(temporary, files.public_mode())  # not the temp file's 0600
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

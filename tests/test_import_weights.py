@@ -8,6 +8,7 @@ import pytest
 
 from experiments import import_weights, methods, runner, settings, sources
 from experiments.configs import clear10, clear100, yearbook
+from grasp_jax.checkpoints import CheckpointError
 from tests import torch_models
 
 
@@ -28,7 +29,7 @@ def test_reference_configs_are_valid_for_every_model(module, classes, bins):
 
 def test_imagenet_init_reads_imported_weights_with_a_new_head(tmp_path):
     config = clear10.get_config("mobilevit_xxs")
-    with pytest.raises(FileNotFoundError, match=r"python -m experiments\.import_weights"):
+    with pytest.raises(CheckpointError, match=r"python -m experiments\.import_weights"):
         sources.initial_variables(config, tmp_path, writer=None)
 
     imagenet = torch_models.randomize(torch_models.hf_model("mobilevit_xxs", 1000), seed=0)

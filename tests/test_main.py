@@ -187,7 +187,7 @@ def test_finished_runs_with_other_settings_are_not_reused(experiment):
     [
         ("seed", 1, "['seed']"),
         ("pipeline.batch_size", 16, "['pipeline.batch_size']"),
-        ("source_training.learning_rate", 0.5, "['source_training.learning_rate']"),
+        ("source_training.learning_rate", 0.5, "['recipe.learning_rate']"),
     ],
 )
 def test_runs_are_not_reused_when_seed_pipeline_or_sources_changed(
@@ -200,7 +200,7 @@ def test_runs_are_not_reused_when_seed_pipeline_or_sources_changed(
     for section in sections:
         node = node[section]
     node[leaf] = value
-    # train_sources would retrain nothing (sources exist): the reuse check must refuse
+    # the sources exist: their reuse check (or the runs') must refuse, naming the key
     with pytest.raises(settings.ConfigError, match=re.escape(f"other settings ({differ})")):
         runner.run_methods(changed, workdir, progress=False)
 
