@@ -13,7 +13,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from grasp_jax.tree_checks import PyTree, check_same_structure
+from grasp_jax.tree_checks import PyTree, check_floating, check_same_structure
 
 Granularity = Literal["tensor", "channel", "element"]
 GRANULARITIES = ("tensor", "channel", "element")
@@ -52,6 +52,7 @@ def alignment_scores_impl(
     """Unjitted body of `alignment_scores`, shared with `merge_step`'s single program."""
     check_granularity(granularity)
     check_same_structure(("grad_current", "grad_source"), grad_current, grad_source)
+    check_floating(("grad_current", "grad_source"), grad_current, grad_source)
     return jax.tree_util.tree_map(
         lambda a, b: leaf_score(a, b, granularity, eps), grad_current, grad_source
     )

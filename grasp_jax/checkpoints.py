@@ -151,10 +151,10 @@ def restore_variables(
                 restored[item] = checkpointer.restore(directory, target)
             except CheckpointError:
                 raise
-            except (ValueError, OSError) as err:
+            except Exception as err:  # Orbax/TensorStore raise plain Exception too
                 raise CheckpointError(
                     f"{where}: '{item}' is unreadable ({_first_line(err)}); {fix}."
-                ) from None
+                ) from err
             if checksum(restored[item]) != expected.get(item):
                 raise CheckpointError(
                     f"{where}: '{item}' does not match its checksum in {CHECKSUMS}, the "

@@ -3,7 +3,9 @@
 Each epoch: one pass of `train.train_step` over the shuffled train split, validation with
 `evaluation.evaluate`, best-epoch selection (strict `>`, so ties keep the earlier epoch,
 as the reference does), TensorBoard scalars and a progress bar. With a `workdir` the run
-is checkpointed after every epoch and resumes from the last one.
+is checkpointed after every epoch and resumes from the last one. An epoch whose training
+loss is not finite stops the run: its state is never kept or checkpointed, the best
+earlier epoch (or the starting variables) is returned, and `FitResult.stopped` says why.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ class FitResult:
     best_epoch: int
     history: list[dict]
     seconds: float
+    stopped: str | None = None  # why training stopped early (a non-finite loss)
 
 
 def fit(
@@ -80,6 +84,7 @@ def fit(
         return train.eval_step(variables, batch, model=model, pipeline=pipeline)
 
     best = {"accuracy": -math.inf, "epoch": -1, "variables": None}
+    stopped = None
     history: list[dict] = []
     first_epoch = 0
     saved = TrainProgress(workdir) if workdir is not None else None
@@ -108,6 +113,15 @@ def fit(
                 k: float(np.mean([m[k] for m in jax.device_get(step_metrics)]))
                 for k in ("loss", "accuracy")
             }
+            if not math.isfinite(means["loss"]):
+                kept = f"epoch {best['epoch']}" if best["epoch"] >= 0 else "the start"
+                stopped = (
+                    f"{description}: training loss {means['loss']} in epoch {epoch}; "
+                    f"stopped there, keeping the variables of {kept}"
+                )
+                warnings.warn(stopped, RuntimeWarning, stacklevel=2)
+                history.append({"epoch": epoch, "stopped": stopped})
+                break
             val = evaluation.evaluate(
                 eval_step, state.variables, val_split, pipeline, batch_sharding
             )
@@ -147,7 +161,17 @@ def fit(
         bar.close()
         if saved is not None:
             saved.close()
+    if best["variables"] is None:  # stopped in the first epoch: keep the start
+        start_val = evaluation.evaluate(
+            eval_step, variables, val_split, pipeline, batch_sharding
+        )
+        best = {
+            "accuracy": start_val["accuracy"],
+            "epoch": -1,
+            "variables": to_host(variables),
+        }
     return FitResult(
+        stopped=stopped,
         variables=best["variables"],
         best_val_accuracy=float(best["accuracy"]),
         best_epoch=int(best["epoch"]),

@@ -13,7 +13,12 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from grasp_jax.tree_checks import PyTree, check_same_structure, leaves_with_paths
+from grasp_jax.tree_checks import (
+    PyTree,
+    check_floating,
+    check_same_structure,
+    leaves_with_paths,
+)
 
 Mode = Literal["hard", "soft"]
 MODES = ("hard", "soft")
@@ -85,6 +90,7 @@ def transfer_impl(
     """Unjitted body of `transfer`, shared with `merge_step`'s single program."""
     check_mode(mode)
     check_same_structure(("current", "source"), current, source)
+    check_floating(("current", "source"), current, source)
     check_scores(current, scores)
     for (path, a), (_, b) in zip(
         leaves_with_paths(current), leaves_with_paths(source), strict=True

@@ -72,3 +72,17 @@ def check_same_structure(names: tuple[str, ...], *trees: PyTree) -> None:
                     f"{jax.numpy.shape(b)} in {name}. The two models differ in "
                     "architecture or head size; merge only trees of the same model."
                 )
+
+
+def check_floating(names: tuple[str, ...], *trees: PyTree) -> None:
+    """Raises ValueError naming the first leaf that is not a floating-point array:
+    gradients and parameters are; an integer leaf (a step counter, labels) is a
+    tree that was not meant to be merged."""
+    for name, tree in zip(names, trees, strict=True):
+        for path, leaf in leaves_with_paths(tree):
+            dtype = jax.numpy.result_type(leaf)
+            if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+                raise ValueError(
+                    f"leaf '{path}' of {name} has dtype {dtype}; GRASP merges "
+                    "floating-point parameters and gradients only (pass `params`)."
+                )

@@ -1,0 +1,408 @@
+"""Bad input across the whole surface: each case must end in one clear error that names
+the file, key or value and the fix, and leave everything written before unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grasp_jax as gj
+from data.build import build, load_splits
+from data.clear10 import Clear10
+from data.folder_layout import LayoutError
+from experiments import cli, report, settings, sources
+from experiments.configs import digits, override
+from experiments.import_weights import import_weights
+from grasp_jax import checkpoints, interop, models
+from grasp_jax.checkpoints import CheckpointError
+from tests.test_data_builders import make_bin
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_variables(num_classes=10, seed=0):
+    return models.init("small_cnn", num_classes, jax.random.PRNGKey(seed), (1, 32, 32, 3))
+
+
+def abstract(num_classes=10):
+    return jax.eval_shape(lambda: small_variables(num_classes))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` (hidden ones too) with a hash of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A finished checkpoint and the snapshot of the folder holding it."""
+    path = checkpoints.save_variables(tmp_path / "ckpt", small_variables(), {"bin": "d0"})
+    return path
+
+
+def largest_file(folder: Path) -> Path:
+    return max(
+        (p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match=r"d3: checkpoint .*nowhere does not exist"):
+        checkpoints.restore_variables(tmp_path / "nowhere", abstract(), name="d3")
+
+
+def test_checkpoint_without_an_item_names_the_item(saved):
+    os.rename(saved / "batch_stats", saved.parent / "elsewhere")
+    with pytest.raises(CheckpointError, match=r"has no 'batch_stats'"):
+        checkpoints.restore_variables(saved, abstract())
+
+
+def test_truncated_array_file_names_the_item_and_the_fix(saved):
+    victim = largest_file(saved / "params")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    before = snapshot(saved)
+    with pytest.raises(CheckpointError, match=r"'params' (is unreadable|does not match)"):
+        checkpoints.restore_variables(saved, abstract())
+    assert snapshot(saved) == before  # a failed restore changes nothing
+
+
+def test_flipped_bytes_are_caught_by_the_checksum(saved):
+    victim = largest_file(saved / "params")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"'params' (is unreadable|does not match)"):
+        checkpoints.restore_variables(saved, abstract())
+
+
+def test_corrupt_metadata_names_the_file(saved):
+    (saved / "metadata.json").write_text('{"bin": "d0", ')
+    with pytest.raises(CheckpointError, match=r"metadata\.json is unreadable"):
+        checkpoints.read_metadata(saved)
+
+
+def test_corrupt_checksums_name_the_file(saved):
+    (saved / checkpoints.CHECKSUMS).write_bytes(b"\x00\xff")
+    with pytest.raises(CheckpointError, match=r"checksums\.json is unreadable"):
+        checkpoints.restore_variables(saved, abstract())
+
+
+def test_checkpoint_of_another_class_count_lists_the_keys(saved):
+    with pytest.raises(CheckpointError, match=r"does not fit the model.*head"):
+        checkpoints.restore_variables(saved, abstract(num_classes=5))
+
+
+def test_saving_over_a_foreign_folder_is_refused_and_it_stays(tmp_path):
+    (tmp_path / "notes.txt").write_text("my thesis")
+    (tmp_path / "params").mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointError, match=r"not a grasp-jax checkpoint.*notes\.txt"):
+        checkpoints.save_variables(tmp_path, small_variables(), {})
+    assert snapshot(tmp_path) == before
+
+
+def test_saving_onto_a_file_is_refused(tmp_path):
+    target = tmp_path / "model"
+    target.write_text("keep me")
+    with pytest.raises(CheckpointError, match=r"model is a file"):
+        checkpoints.save_variables(target, small_variables(), {})
+    assert target.read_text() == "keep me"
+
+
+def test_import_weights_never_empties_the_output_folder(tmp_path, monkeypatch):
+    """`--out=.` used to delete the current folder's contents."""
+    weights = tmp_path / "weights.safetensors"
+    interop.save_safetensors(weights, "mobilevit_xxs", mobilevit_variables())
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.csv").write_text("1,2,3")
+    before = snapshot(work)
+    monkeypatch.chdir(work)
+    with pytest.raises(CheckpointError, match=r"not a grasp-jax checkpoint.*data\.csv"):
+        import_weights("mobilevit_xxs", str(weights), 10, ".")
+    assert snapshot(work) == before
+
+
+def mobilevit_variables():
+    return models.init("mobilevit_xxs", 10, jax.random.PRNGKey(0), (1, 64, 64, 3))
+
+
+def test_exported_safetensors_get_a_plain_file_mode(tmp_path):
+    path = interop.save_safetensors(
+        tmp_path / "m.safetensors", "mobilevit_xxs", mobilevit_variables()
+    )
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for name in ("evil.pt", "evil.ckpt", "evil.bin"):
+        (tmp_path / name).write_bytes(pickle.dumps({"state_dict": Payload()}))
+        with pytest.raises(interop.InteropError, match=rf"{name}: cannot be read"):
+            import_weights("mobilevit_xxs", str(tmp_path / name), 10, str(tmp_path / "o"))
+    assert not marker.exists()
+    assert not (tmp_path / "o").exists()
+
+
+# --- kernels -----------------------------------------------------------------------------
+
+
+def test_mismatched_trees_name_the_leaf():
+    a = {"conv": {"kernel": jnp.ones((3, 3))}, "head": {"kernel": jnp.ones((3, 2))}}
+    b = {"conv": {"kernel": jnp.ones((3, 3))}, "head": {"kernel": jnp.ones((3, 5))}}
+    with pytest.raises(ValueError, match=r"'head/kernel' has shape \(3, 2\)"):
+        gj.merge_step(a, b, a, a)
+
+
+def test_integer_leaves_are_refused_by_name():
+    params = {"dense": {"kernel": jnp.ones((2, 2))}, "step": jnp.zeros((), jnp.int32)}
+    with pytest.raises(ValueError, match=r"leaf 'step' of grad_current has dtype int32"):
+        gj.alignment_scores(params, params)
+    grads = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), params)
+    with pytest.raises(ValueError, match=r"leaf 'step' of current has dtype int32"):
+        gj.transfer(params, params, gj.alignment_scores(grads, grads))
+
+
+def test_empty_trees_merge_to_empty_trees():
+    merged, stats = gj.merge_step({}, {}, {}, {})
+    assert merged == {} and float(stats.fraction) == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_gradients_are_reported_and_never_transferred(bad):
+    current = {"a": jnp.zeros(4), "b": jnp.zeros(4)}
+    source = {"a": jnp.ones(4), "b": jnp.ones(4)}
+    grads = {"a": jnp.ones(4), "b": jnp.ones(4)}
+    poisoned = {"a": jnp.ones(4).at[1].set(bad), "b": jnp.ones(4)}
+    merged, stats = gj.merge_step(current, source, grads, poisoned, threshold=-1.0)
+    assert int(stats.nonfinite) == 1
+    np.testing.assert_array_equal(merged["a"], np.zeros(4))  # kept
+    np.testing.assert_array_equal(merged["b"], np.ones(4))  # taken
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+def test_a_nan_loss_stops_the_stage_and_keeps_the_last_good_state(digits_dir, monkeypatch):
+    from grasp_jax import input_pipeline as ip
+    from grasp_jax import loop, recipe, train
+
+    module = models.create("small_cnn", 10)
+    start = small_variables()
+    data = load_splits("digits_drift", "d0", digits_dir)
+    pipe = ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32)
+    steps = ip.steps_per_epoch(data["train"], pipe.batch_size)
+    real_step, calls, seen = train.train_step, [0], {}
+
+    def poisoned_step(state, batch, **kwargs):
+        calls[0] += 1
+        if calls[0] == steps + 1:  # the first step of epoch 1
+            seen["epoch0"] = jax.tree.map(np.asarray, state.variables)
+        state, metrics = real_step(state, batch, **kwargs)
+        if calls[0] > steps:
+            metrics = {**metrics, "loss": metrics["loss"] * jnp.nan}
+        return state, metrics
+
+    monkeypatch.setattr(train, "train_step", poisoned_step)
+    config = recipe.TrainConfig(epochs=3, learning_rate=3e-3, augment=False)
+    with pytest.warns(RuntimeWarning, match=r"training loss nan in epoch 1; stopped"):
+        result = loop.fit(
+            module,
+            start,
+            data["train"],
+            data["validation"],
+            config=config,
+            pipeline=pipe,
+            progress=False,
+        )
+    assert result.best_epoch == 0 and "epoch 1" in result.stopped
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert "stopped" in result.history[1]
+    jax.tree.map(np.testing.assert_array_equal, result.variables, seen["epoch0"])
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def test_an_empty_image_file_names_the_file(tmp_path):
+    make_bin(tmp_path / "manual", "year_1-2", Clear10.CLASS_NAMES, split=False, per_class=5)
+    (tmp_path / "manual" / "year_1-2" / "bus" / "img_001.jpg").write_bytes(b"")
+    before = snapshot(tmp_path / "manual")
+    with pytest.raises(LayoutError, match=r"bus/img_001\.jpg: not a readable image"):
+        build("clear10", manual_dir=tmp_path / "manual", data_dir=tmp_path / "out")
+    assert snapshot(tmp_path / "manual") == before
+
+
+def test_a_bin_that_was_never_built_gives_the_build_command(tmp_path):
+    with pytest.raises(LayoutError, match=r"clear10/year_3-4 is not built .*data\.build"):
+        load_splits("clear10", "year_3-4", tmp_path)
+
+
+# --- configs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        ({"grasp.treshold": "0.2"}, r"grasp\.treshold"),
+        ({"trials": "three"}, r"trials"),
+        ({"grasp.threshold": "abc"}, r"grasp\.threshold"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_name_the_key(pairs, message):
+    with pytest.raises(ValueError, match=message):
+        override(digits.get_config(), pairs)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("grasp.threshold", 1.5, r"grasp\.threshold=1\.5; a cosine threshold lies in"),
+        ("grasp.threshold", -2.0, r"grasp\.threshold=-2\.0"),
+        ("grasp.num_alignment_batches", -1, r"num_alignment_batches=-1; use a whole"),
+        ("grasp.alignment_current_mode", "trian", r"alignment_current_mode='trian'"),
+        ("grasp.granularity", "tensors", r"granularity='tensors'"),
+        ("grasp.learning_rate", 0.0, r"learning_rate=0\.0; use a positive"),
+        ("trials", 0, r"trials=0; run at least one"),
+        ("init", "imagenet", r"no official weights for small_cnn"),
+    ],
+)
+def test_out_of_range_values_fail_before_any_work(key, value, message):
+    config = digits.get_config()
+    *sections, leaf = key.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    node[leaf] = value
+    with pytest.raises(settings.ConfigError, match=message):
+        settings.check(config)
+
+
+def test_the_nothing_moves_sentinel_is_a_valid_threshold():
+    config = digits.get_config()
+    config.grasp.threshold = gj.grasp.NOTHING_MOVES
+    settings.check(config)
+
+
+def test_a_missing_init_checkpoint_says_what_init_must_be(tmp_path):
+    config = digits.get_config()
+    config.init = str(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match=r"does not exist; config\.init must be"):
+        sources.initial_variables(config, tmp_path, writer=None)
+
+
+def test_a_source_is_not_reused_after_the_seed_changed(tmp_path):
+    config = digits.get_config()
+    seed = settings.config_seed(config, "source", 0)
+    path = sources.source_dir(config, tmp_path, "d0")
+    metadata = {"settings": sources.source_settings(config, "source_training", seed)}
+    checkpoints.save_variables(path, small_variables(), metadata)
+    before = snapshot(tmp_path)
+    assert sources.reuse_checked(config, tmp_path, "d0", metadata["settings"])
+    config.seed = 7
+    changed = sources.source_settings(
+        config, "source_training", settings.config_seed(config, "source", 0)
+    )
+    with pytest.raises(
+        settings.ConfigError, match=r"trained with other settings \(\['seed'\]\)"
+    ):
+        sources.reuse_checked(config, tmp_path, "d0", changed)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_interrupted_source_does_not_resume_under_another_recipe(digits_dir, tmp_path):
+    config = digits.get_config()
+    config.data_dir = str(digits_dir)
+    seed = settings.config_seed(config, "source", 0)
+    run_dir = tmp_path / "train_state" / config.dataset / config.model / "d0"
+    started = sources.source_settings(config, "source_training", seed)
+    report.write_json(run_dir / "settings.json", started)
+    before = snapshot(tmp_path)
+    config.source_training.epochs += 1
+    with pytest.raises(settings.ConfigError, match=r"\(\['recipe\.epochs'\]\); rerun with"):
+        sources.train_one(config, tmp_path, "d0", "d0", "source_training", None, seed, None)
+    assert snapshot(tmp_path) == before
+
+
+# --- the work directory and the disk -----------------------------------------------------
+
+
+def test_a_work_directory_that_is_a_file(tmp_path):
+    target = tmp_path / "runs"
+    target.write_text("not a folder")
+    with pytest.raises(settings.ConfigError, match=r"--workdir=.*runs is a file"):
+        cli.check_workdir(target)
+    assert target.read_text() == "not a folder"
+
+
+def test_a_work_directory_that_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(settings.ConfigError, match=r"--workdir=.* cannot be created"):
+        cli.check_workdir(tmp_path / "file" / "runs")
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    report.write_json(path, {"grasp": 0.9})
+    before = snapshot(tmp_path)
+    real_mkstemp = report.tempfile.mkstemp
+
+    def on_a_full_disk(**kwargs):  # the temp file is real; writes go to /dev/full
+        fd, name = real_mkstemp(**kwargs)
+        os.dup2(os.open("/dev/full", os.O_WRONLY), fd)
+        return fd, name
+
+    monkeypatch.setattr(report.tempfile, "mkstemp", on_a_full_disk)
+    with pytest.raises(report.OutputError, match=r"could not write .*summary\.json"):
+        report.write_json(path, {"grasp": 0.1} | {"pad": "x" * 100_000})
+    assert snapshot(tmp_path) == before  # old file intact, no temp file left
+
+
+# --- the commands: one line, no traceback ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config=digits:grasp.alignment_current_mode=trian"], "alignment_current_mode"),
+        (["--config=digits:grasp.threshold=3"], "grasp.threshold=3.0"),
+        (["--config=digits", "--config.init=/missing/ckpt"], "config.init must be"),
+    ],
+)
+def test_commands_end_a_user_error_in_one_line(tmp_path, args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.main", *args, f"--workdir={tmp_path}/w"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("experiments.main: ") and message in last
+    assert not (tmp_path / "w" / "results").exists()
