@@ -285,3 +285,25 @@ def test_every_builder_reads_both_layouts(tmp_path, name, bin_name, classes, spl
     assert sizes == tuple(n * len(classes) for n in per_class)
     for label, file_name in labels_and_names(source["train"]):
         assert f"/{sorted(classes)[label]}/" in f"/{file_name}"
+
+
+def test_splits_do_not_depend_on_the_order_the_filesystem_lists(tmp_path, monkeypatch):
+    """The split is drawn over names sorted by us: a filesystem listing files in another
+    order (ext4 hash order, NFS) must give the same train/validation/test files."""
+    from data import folder_layout
+
+    make_bin(tmp_path, "year_1-2", Clear10.CLASS_NAMES, split=False, per_class=10)
+    normal = folder_layout.bin_examples(tmp_path / "year_1-2", Clear10.CLASS_NAMES)
+    listed = Path.iterdir
+
+    def shuffled(self):
+        entries = list(listed(self))
+        np.random.default_rng(len(entries)).shuffle(entries)
+        return iter(entries)
+
+    monkeypatch.setattr(Path, "iterdir", shuffled)
+    again = folder_layout.bin_examples(tmp_path / "year_1-2", Clear10.CLASS_NAMES)
+    assert again == normal
+    first_class = [e.path.name for e in normal["test"] if e.label == 0]
+    expected = np.random.default_rng([42, 0]).permutation(10)[9:]  # int(.8n)+int(.1n)
+    assert first_class == [f"img_{i:03d}{'.jpg' if i % 2 else '.png'}" for i in sorted(expected)]

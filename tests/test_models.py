@@ -197,6 +197,23 @@ def test_mixed_precision_keeps_float32_parameters_and_logits(name):
     }
     logits = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, images)
     assert logits.dtype == jnp.float32 and logits.shape == (2, NUM_CLASSES)
+    # ...and the convolutions and matmuls really run in bfloat16 (not a no-op dtype).
+    jaxpr = jax.make_jaxpr(lambda v, x: module.apply(v, x, train=False))(variables, images)
+    heavy = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name in HEAVY]
+    assert heavy and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in heavy)
+
+
+HEAVY = ("conv_general_dilated", "dot_general")
+
+
+def _equations(jaxpr):
+    """Every equation of `jaxpr`, nested calls (pjit, custom_vjp) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)
 
 
 @pytest.mark.parametrize(

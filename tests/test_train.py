@@ -113,10 +113,23 @@ def test_two_epochs_learn_well_above_chance(digits_dir):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
 
-def test_best_variables_are_the_best_epoch(digits_dir):
+@pytest.mark.parametrize(
+    ("accuracies", "best"),
+    [([0.5, 0.9, 0.7, 0.8], 1), ([0.3, 0.6, 0.6, 0.2], 1), ([0.1, 0.2, 0.3, 0.4], 3)],
+)
+def test_best_variables_are_the_best_epoch(digits_dir, monkeypatch, accuracies, best):
+    """Validation accuracies scripted to be non-monotone (and tied): fit must return the
+    variables it validated at the first best epoch, not the last epoch's."""
     module, variables = small_model()
     data = splits(digits_dir, "d1")
-    config = dataclasses.replace(FAST, epochs=4)
+    validated = []
+
+    def scripted_evaluate(eval_step, variables, split, pipeline, sharding):
+        validated.append(jax.tree.map(np.array, variables))
+        return {"accuracy": accuracies[len(validated) - 1], "loss": 1.0}
+
+    monkeypatch.setattr(evaluation, "evaluate", scripted_evaluate)
+    config = dataclasses.replace(FAST, epochs=len(accuracies))
     result = loop.fit(
         module,
         variables,
@@ -126,11 +139,13 @@ def test_best_variables_are_the_best_epoch(digits_dir):
         pipeline=PIPE,
         progress=False,
     )
-    accuracies = [h["val_accuracy"] for h in result.history]
-    assert result.best_epoch == int(np.argmax(accuracies))  # first maximum: strict >
-    assert result.best_val_accuracy == max(accuracies)
-    again = evaluation.predict(module, result.variables, data["validation"], PIPE)
-    assert again["accuracy"] == pytest.approx(result.best_val_accuracy)
+    assert result.best_epoch == best
+    assert result.best_val_accuracy == accuracies[best]
+    assert [h["val_accuracy"] for h in result.history] == accuracies
+    jax.tree.map(np.testing.assert_array_equal, result.variables, validated[best])
+    last = jax.tree.leaves(validated[-1]["params"])[0]
+    if best != len(accuracies) - 1:  # the epochs really differ
+        assert not np.array_equal(jax.tree.leaves(result.variables["params"])[0], last)
 
 
 class _FailingWriter:
