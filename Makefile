@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all bench throughput format clean
+.PHONY: run test test-all test-kill mutation bench throughput format clean
 
 # The main job: a whole experiment on the embedded data set (sources, GRASP, baselines,
 # metrics, plots, summary) with the default `digits` config.
@@ -30,6 +30,18 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The crash-safety test at all ten kill points (CI runs three of them), ~12 min.
+test-kill: $(STAMP)
+	$(BIN)/python -m pytest tests/test_kill.py
+
+# Mutation testing of the code behind the reported numbers (tests/MUTATION.md); not in
+# CI, about an hour on 2 cores. Settings: [mutmut] in setup.cfg.
+mutation: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'mutmut==3.8.1'
+	rm -rf mutants
+	$(BIN)/mutmut run
+	$(BIN)/mutmut results
+
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
@@ -43,4 +55,4 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis mutants

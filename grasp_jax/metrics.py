@@ -18,30 +18,29 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _auroc(labels: np.ndarray, probs: np.ndarray, average: str) -> float | None:
-    """ROC AUC, or None (with a warning) where undefined, e.g. a class absent from the
-    labels (scikit-learn then warns and gives NaN, or raises, depending on version)."""
+    """ROC AUC, or None (with a warning) where undefined: a class absent from the labels
+    (scikit-learn then warns and gives NaN)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        try:
-            if probs.shape[1] == 2:
-                value = float(skm.roc_auc_score(labels, probs[:, 1]))
-            else:
-                value = float(
-                    skm.roc_auc_score(
-                        labels,
-                        probs,
-                        multi_class="ovr",
-                        average=average,
-                        labels=np.arange(probs.shape[1]),
-                    )
+        if probs.shape[1] == 2:
+            value = float(skm.roc_auc_score(labels, probs[:, 1]))
+        else:
+            value = float(
+                skm.roc_auc_score(
+                    labels,
+                    probs,
+                    multi_class="ovr",
+                    average=average,
+                    labels=np.arange(probs.shape[1]),
                 )
-        except ValueError as err:  # older scikit-learn
-            value, reason = None, str(err)
-    if value is not None and np.isfinite(value):
+            )
+    if np.isfinite(value):
         return value
     missing = sorted(set(range(probs.shape[1])) - set(np.unique(labels).tolist()))
-    reason = reason if value is None else f"classes {missing} never occur in the labels"
-    warnings.warn(f"AUROC ({average}) undefined: {reason}", stacklevel=3)
+    warnings.warn(
+        f"AUROC ({average}) undefined: classes {missing} never occur in the labels",
+        stacklevel=3,
+    )
     return None
 
 

@@ -306,4 +306,6 @@ def test_splits_do_not_depend_on_the_order_the_filesystem_lists(tmp_path, monkey
     assert again == normal
     first_class = [e.path.name for e in normal["test"] if e.label == 0]
     expected = np.random.default_rng([42, 0]).permutation(10)[9:]  # int(.8n)+int(.1n)
-    assert first_class == [f"img_{i:03d}{'.jpg' if i % 2 else '.png'}" for i in sorted(expected)]
+    assert first_class == [
+        f"img_{i:03d}{'.jpg' if i % 2 else '.png'}" for i in sorted(expected)
+    ]

@@ -56,7 +56,9 @@ def free_port() -> int:
 
 
 def test_two_processes_on_localhost_train_one_replicated_model(digits_dir, tmp_path):
-    """jax.distributed with the CPU backend's gloo collectives, one device a process."""
+    """jax.distributed with the CPU backend's gloo collectives, one device a process:
+    both processes hold the same model, and it is the model one process with two devices
+    trains (the same sharding; only the all-reduce's transport differs)."""
     port = str(free_port())
     out = tmp_path / "multi"
     commands = [
@@ -93,3 +95,12 @@ def test_two_processes_on_localhost_train_one_replicated_model(digits_dir, tmp_p
         return [{k: v for k, v in h.items() if k != "images_per_second"} for h in history]
 
     assert numbers(history_0) == numbers(history_1)
+
+    single, meta = run_fit(digits_dir, tmp_path / "single", devices=2)
+    assert meta["processes"] == 1 and meta["devices"] == 2
+    for key in (k for k in single if k.startswith("step")):
+        scale = np.abs(single[key]).max()
+        np.testing.assert_allclose(params_0[key], single[key], rtol=1e-5, atol=1e-6 * scale)
+    for a, b in zip(history_0, meta["history"], strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
+        assert a["val_accuracy"] == b["val_accuracy"]

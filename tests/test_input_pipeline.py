@@ -81,9 +81,18 @@ def test_train_order_depends_only_on_seed_and_epoch():
 def test_eval_is_deterministic_centre_crops():
     source = fake_source(4)
     (batch,) = batches(source, train=False)
-    for image, example in zip(batch["image"], source, strict=True):
-        resized = np.asarray(ip.resize_shorter_side(Image.fromarray(example["image"]), 20))
-        np.testing.assert_array_equal(image, ip.crop(resized, 16, None))
+    # Heights 24..27, width 30: the shorter side becomes 20 (torchvision's Resize(20):
+    # width int(20 * 30 / h)), then the centred 16 x 16 (top round(4 / 2) = 2).
+    widths = [25, 24, 23, 22]
+    lefts = [round((w - 16) / 2) for w in widths]  # 4, 4, 4, 3 (round half to even)
+    assert lefts == [4, 4, 4, 3]
+    for image, example, width, left in zip(
+        batch["image"], source, widths, lefts, strict=True
+    ):
+        resized = np.asarray(
+            Image.fromarray(example["image"]).resize((width, 20), Image.Resampling.BILINEAR)
+        )
+        np.testing.assert_array_equal(image, resized[2:18, left : left + 16])
 
 
 def test_shards_are_disjoint_and_cover_the_source():

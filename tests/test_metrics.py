@@ -57,6 +57,7 @@ def test_weighted_and_macro_scores_and_the_confusion_matrix():
     table = per_class(LABELS, predictions, 4)
     support = table[:, 3]
     assert out["accuracy"] == pytest.approx(np.mean(predictions == LABELS))
+    assert out["n"] == len(LABELS)
     for i, name in enumerate(("precision", "recall", "f1_score")):
         assert out[name] == pytest.approx(np.sum(table[:, i] * support) / support.sum())
         assert out[f"{name}_macro"] == pytest.approx(np.mean(table[:, i]))
@@ -93,3 +94,25 @@ def test_binary_auroc_uses_the_positive_class_probability():
     p = softmax(logits)[:, 1]
     assert out["auroc"] == pytest.approx(binary_auroc(p[labels == 1], p[labels == 0]))
     assert out["auroc_macro"] == out["auroc"]
+
+
+def test_a_class_never_labelled_nor_predicted_still_counts_in_macro_averages():
+    logits = np.concatenate([LOGITS[:, :3], np.full((10, 1), -9.0)], axis=1)
+    labels = np.where(LABELS == 3, 2, LABELS)
+    out = classification_metrics(logits, labels)
+    table = per_class(labels, logits.argmax(axis=1), 4)
+    assert out["f1_score_macro"] == pytest.approx(np.mean(table[:, 2]))  # 4 classes
+    assert np.array(out["confusion_matrix"]).shape == (4, 4)
+
+
+def test_softmax_is_row_wise_and_survives_large_logits():
+    from grasp_jax.metrics import softmax as ours
+
+    logits = np.array([[1000.0, 999.0, 0.0], [-5.0, 3.0, 2.0]])
+    expected = np.array(
+        [
+            [1 / (1 + np.exp(-1.0)), np.exp(-1.0) / (1 + np.exp(-1.0)), 0.0],
+            softmax(logits[1:])[0],
+        ]
+    )
+    np.testing.assert_allclose(ours(logits), expected, atol=1e-12)
