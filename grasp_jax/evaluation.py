@@ -46,9 +46,10 @@ def evaluate(
     shard ran out feeds empty ones), so their collectives always meet.
     """
     devices = jax.local_device_count()
-    size = -(-pipeline.batch_size // devices) * devices
+    local = ip.local_batch_size(pipeline.batch_size)
+    size = -(-local // devices) * devices
     per_process = -(-len(split) // jax.process_count())
-    num_batches = -(-per_process // pipeline.batch_size)
+    num_batches = -(-per_process // local)
     crop = pipeline.crop_size
     empty = {
         "image": np.zeros((0, crop, crop, 3), np.uint8),

@@ -34,13 +34,27 @@ class PipelineConfig:
 
     resize_size: int = 256
     crop_size: int = 224
-    batch_size: int = 32
+    batch_size: int = 32  # global: split evenly over the processes
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.1
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if not 1 <= self.crop_size <= self.resize_size:
+            raise ValueError(
+                f"pipeline.crop_size={self.crop_size} must lie in [1, resize_size="
+                f"{self.resize_size}]: the crop is taken from the resized image"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"pipeline.batch_size={self.batch_size}; use at least 1")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"pipeline.{name}={getattr(self, name)}; use >= 0")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"pipeline.hue={self.hue}; a hue shift lies in [0, 0.5]")
 
 
 def decode(image: Any) -> Image.Image:
@@ -110,16 +124,19 @@ def dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> grain.MapDataset:
-    """Batches of one epoch of `split` (e.g. a split of a `tfds.data_source`).
+    """This process's batches of one epoch of `split` (e.g. a `tfds.data_source` split).
 
     Train: shuffled, randomly cropped, remainder dropped; the order and crops depend on
     (seed, epoch) only, so a run can be replayed epoch by epoch. Eval: in order, centre
-    crops, last partial batch kept. Each process reads its own shard
-    (`jax.process_index()` of `jax.process_count()` by default).
+    crops, last partial batch kept. `config.batch_size` is the global batch: process `p`
+    of `P` (`jax.process_index()` of `jax.process_count()` by default) reads rows
+    `[p * B / P, (p + 1) * B / P)` of each global batch of the one global order, so the
+    global batches (examples, crops and their order, hence dropout masks) are the same
+    whatever `P` is.
     """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    ds = grain.MapDataset.source(split)[shard_index::shard_count]
+    ds = grain.MapDataset.source(split)
     if train:
         ds = ds.shuffle(seed=hash_seed(seed, epoch, 0))
         ds = ds.random_map(
@@ -127,7 +144,43 @@ def dataset(
         )
     else:
         ds = ds.map(lambda ex: host_transform(ex, config, None))
-    return ds.batch(config.batch_size, drop_remainder=train)
+    local = local_batch_size(config.batch_size, shard_count)
+    if shard_count > 1:
+        rows = _BatchRows(ds, shard_index, shard_count, local, partial=not train)
+        ds = grain.MapDataset.source(rows)
+    return ds.batch(local, drop_remainder=train)
+
+
+class _BatchRows(Sequence):
+    """Process `index`'s rows of every global batch of `parent` (`local` of them each),
+    with its rows of the last, partial global batch if `partial`."""
+
+    def __init__(self, parent: Sequence, index: int, count: int, local: int, partial: bool):
+        self.parent, self.index, self.local, self.size = parent, index, local, local * count
+        full, rest = divmod(len(parent), self.size)
+        self.length = full * local
+        if partial:
+            self.length += min(local, max(0, rest - index * local))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, j: int):
+        if not 0 <= j < self.length:
+            raise IndexError(j)
+        batch, row = divmod(j, self.local)
+        return self.parent[batch * self.size + self.index * self.local + row]
+
+
+def local_batch_size(batch_size: int, process_count: int | None = None) -> int:
+    """Each process's share of the global `batch_size`."""
+    process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % process_count:
+        raise ValueError(
+            f"pipeline.batch_size={batch_size} does not split evenly over "
+            f"{process_count} processes; use a multiple of {process_count}"
+        )
+    return batch_size // process_count
 
 
 def hash_seed(seed: int, epoch: int, stream: int) -> int:
@@ -239,5 +292,5 @@ def data_parallel() -> tuple[jax.sharding.NamedSharding, jax.sharding.NamedShard
 
 
 def steps_per_epoch(split: Sequence, batch_size: int) -> int:
-    """Full training batches per epoch for each process (the remainder is dropped)."""
-    return len(split) // jax.process_count() // batch_size
+    """Full global training batches per epoch (the remainder is dropped)."""
+    return len(split) // batch_size

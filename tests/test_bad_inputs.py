@@ -148,9 +148,7 @@ def test_exported_safetensors_get_a_plain_file_mode(tmp_path):
     path = interop.save_safetensors(
         tmp_path / "m.safetensors", "mobilevit_xxs", mobilevit_variables()
     )
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask()
 
 
 def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
@@ -289,6 +287,10 @@ def test_unknown_keys_and_wrong_types_name_the_key(pairs, message):
         ("grasp.learning_rate", 0.0, r"learning_rate=0\.0; use a positive"),
         ("trials", 0, r"trials=0; run at least one"),
         ("init", "imagenet", r"no official weights for small_cnn"),
+        ("pipeline.crop_size", 40, r"crop_size=40 must lie in \[1, resize_size=32\]"),
+        ("pipeline.batch_size", 0, r"pipeline\.batch_size=0; use at least 1"),
+        ("pipeline.hue", 0.7, r"pipeline\.hue=0\.7; a hue shift lies in \[0, 0\.5\]"),
+        ("dataset", "clear1000", r"config\.dataset='clear1000'; choose one of \['clear10'"),
     ],
 )
 def test_out_of_range_values_fail_before_any_work(key, value, message):
@@ -302,10 +304,14 @@ def test_out_of_range_values_fail_before_any_work(key, value, message):
         settings.check(config)
 
 
-def test_the_nothing_moves_sentinel_is_a_valid_threshold():
+def test_the_edges_of_the_valid_ranges_are_accepted():
     config = digits.get_config()
-    config.grasp.threshold = gj.grasp.NOTHING_MOVES
-    settings.check(config)
+    for threshold in (-1.0, 1.0, gj.grasp.NOTHING_MOVES):
+        config.grasp.threshold = threshold
+        settings.check(config)
+    config.trials = 1
+    config.grasp.num_alignment_batches = 0
+    assert settings.check(config) == list(config.bins)
 
 
 def test_a_missing_init_checkpoint_says_what_init_must_be(tmp_path):
@@ -377,7 +383,11 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
         return fd, name
 
     monkeypatch.setattr(report.tempfile, "mkstemp", on_a_full_disk)
-    with pytest.raises(report.OutputError, match=r"could not write .*summary\.json"):
+    with pytest.raises(
+        report.OutputError,
+        match=r"could not write .*summary\.json \(No space left on device\); free some "
+        "space or choose a writable --workdir",
+    ):
         report.write_json(path, {"grasp": 0.1} | {"pad": "x" * 100_000})
     assert snapshot(tmp_path) == before  # old file intact, no temp file left
 
@@ -406,3 +416,34 @@ def test_commands_end_a_user_error_in_one_line(tmp_path, args, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("experiments.main: ") and message in last
     assert not (tmp_path / "w" / "results").exists()
+
+
+def test_result_files_are_written_beside_their_target_then_renamed(tmp_path, monkeypatch):
+    renamed = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        renamed.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(report.os, "replace", spy)
+    report.write_json(tmp_path / "out" / "m.json", {"a": np.float32(0.5), "p": tmp_path})
+    ((src, dst),) = renamed
+    assert src.parent == dst.parent == tmp_path / "out"  # same filesystem: atomic
+    assert src.name.startswith(".m.json.")  # hidden while incomplete
+    expected = '{\n  "a": 0.5,\n  "p": "' + str(tmp_path) + '"\n}'
+    assert dst.read_text() == expected  # NumPy scalars as numbers, the rest as text
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o666 & ~_umask()
+    assert os.listdir(dst.parent) == ["m.json"]
+
+
+def test_a_results_folder_that_cannot_be_made(tmp_path):
+    (tmp_path / "results").write_text("a file")
+    with pytest.raises(report.OutputError, match=r"could not write .*results/m\.json"):
+        report.write_json(tmp_path / "results" / "m.json", {})
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

@@ -138,7 +138,8 @@ def test_yearbook_labels_are_earlier_and_later_decade(tmp_path):
         (lambda root: None, "needs --manual_dir"),
         (
             lambda root: (root / "other").mkdir(parents=True),
-            "bin folder .*year_1-2 does not",
+            r"bin folder .*year_1-2 does not exist\. Put each bin of the data set in its "
+            r"own folder under the manual directory \(see the README\)\.",
         ),
         (lambda root: (root / "year_1-2" / "misc").mkdir(parents=True), "unknown layout"),
         (
@@ -149,7 +150,15 @@ def test_yearbook_labels_are_earlier_and_later_decade(tmp_path):
             lambda root: [
                 (root / "year_1-2" / c).mkdir(parents=True) for c in Clear10.CLASS_NAMES
             ],
-            "no images found",
+            r"year_1-2: no images found \(looked for \.jpg, \.jpeg, \.png, \.bmp, \.gif, "
+            r"\.webp files inside the class folders\)\.",
+        ),
+        (
+            lambda root: [
+                make_bin(root, "year_1-2", Clear10.CLASS_NAMES, split=False, per_class=2),
+                (root / "year_1-2" / "misc").mkdir(),
+            ],
+            r"unexpected folder\(s\) \['misc'\]; expected only the classes",
         ),
     ],
 )
@@ -309,3 +318,15 @@ def test_splits_do_not_depend_on_the_order_the_filesystem_lists(tmp_path, monkey
     assert first_class == [
         f"img_{i:03d}{'.jpg' if i % 2 else '.png'}" for i in sorted(expected)
     ]
+
+
+def test_only_visible_image_files_are_listed(tmp_path):
+    """Hidden files, other files and folders with an image suffix are not examples."""
+    from data.folder_layout import list_images
+
+    write_image(tmp_path / "b.png", 0)
+    write_image(tmp_path / "a.jpg", 1)
+    write_image(tmp_path / ".hidden.png", 2)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "folder.png").mkdir()
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]

@@ -103,6 +103,23 @@ def test_shards_are_disjoint_and_cover_the_source():
     assert not set(seen[0]) & set(seen[1])
 
 
+def test_global_batches_do_not_depend_on_the_process_count():
+    """Two processes each read half of every global batch: put side by side, their
+    halves are the one-process batches (same examples, crops and order)."""
+    source = fake_source(10)
+    whole = batches(source, train=True, seed=4)
+    halves = [
+        batches(source, train=True, seed=4, shard_index=i, shard_count=2) for i in range(2)
+    ]
+    assert len(whole) == 2 and [len(h) for h in halves] == [2, 2]
+    for b, batch in enumerate(whole):
+        for key in ("image", "label"):
+            joined = np.concatenate([halves[0][b][key], halves[1][b][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+    with pytest.raises(ValueError, match=r"batch_size=4 does not split evenly over 3"):
+        batches(source, train=True, shard_index=0, shard_count=3)
+
+
 def test_hue_shift_matches_colorsys():
     rng = np.random.default_rng(0)
     pixels = rng.uniform(size=(3, 5, 5, 3)).astype(np.float32)

@@ -143,9 +143,32 @@ def test_summary_statistics_on_synthetic_records():
     assert paired["ci95"] == pytest.approx([3.0 - half, 3.0 + half], abs=1e-4)
     single = report.summarize(results[:1] + results[5:6])
     assert single["methods"]["other"]["paired_difference_to_grasp"]["ci95"] is None
-    text = report.summary_markdown(summary, "t")
     # other: mean of (85, 70, 95, 70, 70, 50) = 73.3, population std 14.0
-    assert "| other | 73.3 ± 14.0 (6) | +3.0 [-4.1, +10.1] |" in text
+    assert report.summary_markdown(summary, "t") == (
+        "# t\n\nTest accuracy in %, mean ± population std over trials (n runs); Δ grasp: "
+        "the paired difference to GRASP in points over (target, trial) pairs with the "
+        "same seed, mean [95 % Student t interval].\n\n"
+        "| method | all targets | Δ grasp | a | b | c | d |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| grasp | 75.0 ± 10.0 (5) | - | 75.0 ± 5.0 | 75.0 ± 15.0 | 75.0 ± 0.0 | - |\n"
+        "| other | 73.3 ± 14.0 (6) | +3.0 [-4.1, +10.1] | 77.5 ± 7.5 | 82.5 ± 12.5 | "
+        "70.0 ± 0.0 | 50.0 ± 0.0 |\n"
+    )
+    assert "| other | 85.0 ± 0.0 (1) | +5.0 | 85.0 ± 0.0 |" in report.summary_markdown(
+        single, "t"
+    )
+
+
+def test_paired_interval_needs_two_pairs():
+    assert report.mean_with_interval([]) == {
+        "mean": None,
+        "ci95": None,
+        "n_pairs": 0,
+        "interval": "student t",
+    }
+    two = report.mean_with_interval([1.0, 3.0])  # t(0.975, 1) = 12.7062 (tables)
+    assert two["mean"] == 2.0
+    assert two["ci95"] == pytest.approx([2.0 - 12.7062, 2.0 + 12.7062], abs=1e-4)
 
 
 def test_summary_has_each_method(experiment):

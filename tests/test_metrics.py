@@ -99,7 +99,8 @@ def test_binary_auroc_uses_the_positive_class_probability():
 def test_a_class_never_labelled_nor_predicted_still_counts_in_macro_averages():
     logits = np.concatenate([LOGITS[:, :3], np.full((10, 1), -9.0)], axis=1)
     labels = np.where(LABELS == 3, 2, LABELS)
-    out = classification_metrics(logits, labels)
+    with pytest.warns(UserWarning, match=r"AUROC \(macro\) undefined: classes \[3\]"):
+        out = classification_metrics(logits, labels)
     table = per_class(labels, logits.argmax(axis=1), 4)
     assert out["f1_score_macro"] == pytest.approx(np.mean(table[:, 2]))  # 4 classes
     assert np.array(out["confusion_matrix"]).shape == (4, 4)
@@ -116,3 +117,10 @@ def test_softmax_is_row_wise_and_survives_large_logits():
         ]
     )
     np.testing.assert_allclose(ours(logits), expected, atol=1e-12)
+
+
+def test_float32_logits_are_ranked_in_float64():
+    """The model's float32 logits 9.000001 and 9.0 give equal float32 softmax
+    probabilities (a tie: AUROC 0.5) but distinct float64 ones (AUROC 1.0)."""
+    logits = np.array([[0.0, 9.000001], [0.0, 9.0]], np.float32)
+    assert classification_metrics(logits, np.array([1, 0]))["auroc"] == 1.0
