@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from experiments import settings
 from experiments import sources as src
-from grasp_jax import evaluation, grasp, loop, seeding
+from grasp_jax import evaluation, grasp, interop, loop, seeding
 from grasp_jax import input_pipeline as ip
 
 
@@ -39,6 +41,9 @@ class Context:
     splits: dict
     seed: int
     progress: bool = True
+    # Set by the runner for each run: where its files go, and a memory sample by name.
+    out_dir: Path | None = None
+    mark: Callable[[str], None] = lambda name: None
 
     @functools.cached_property
     def model_and_abstract(self):
@@ -123,20 +128,55 @@ def run_grasp(ctx: Context, merge=grasp.aligned_merge) -> MethodResult:
         progress=ctx.progress,
         merge=merge,
     )
+
+    def finetune(variables, epochs, key, label):  # the reference's memory samples
+        tuned = steps.finetune(variables, epochs, key, label)
+        if "initial_finetuning_complete" not in marked:
+            marked.add("initial_finetuning_complete")
+            ctx.mark("initial_finetuning_complete")
+        return tuned
+
+    marked: set[str] = set()
+    initial = ctx.restore(first)
+    ctx.mark("initial_model_loaded")
     result = grasp.run_grasp(
-        ctx.restore(first),
+        initial,
         [(name, functools.partial(ctx.restore, name)) for name in later],
-        steps,
+        steps._replace(finetune=finetune),
         config=cfg,
         key=seeding.root_key(ctx.seed),
         first_name=first,
     )
+    if ctx.config.save_final:
+        save_final(ctx, result.variables)
     val, test = ctx.predict(result.variables)
     history = [dict(h, stage=i) for i, s in enumerate(result.stages) for h in s.history]
     transfer = [
         {k: dataclasses.asdict(s)[k] for k in TRANSFER_KEYS} for s in result.stages[1:]
     ]
     return MethodResult(val, test, history, len(history), {"transfer_history": transfer})
+
+
+def save_final(ctx: Context, variables) -> Path:
+    """GRASP's final model where the reference saves it, as its raw PyTorch state dict
+    (`checkpoints/<run folder>_final.ckpt`; `torch.load(weights_only=True)` reads it)."""
+    import torch
+
+    path = (
+        ctx.out_dir
+        / "checkpoints"
+        / f"{ctx.out_dir.name.rsplit('_trial', 1)[0]}_final.ckpt"
+    )
+    state = {
+        k: torch.from_numpy(np.array(v))
+        for k, v in interop.export_numpy(ctx.config.model, variables).items()
+    }
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    return path
 
 
 def run_ensemble(ctx: Context) -> MethodResult:
@@ -148,6 +188,7 @@ def run_ensemble(ctx: Context) -> MethodResult:
         for split, out in (("val", val), ("test", test)):
             sums[split] = sums.get(split, 0) + out["logits"]
             labels[split] = out["labels"]
+    ctx.mark("source_models_loaded")  # streamed: one source in memory at a time
     out = {}
     for split in ("val", "test"):
         logits = sums[split] / len(ctx.source_bins)
@@ -156,7 +197,9 @@ def run_ensemble(ctx: Context) -> MethodResult:
             "labels": labels[split],
             "accuracy": float(np.mean(logits.argmax(1) == labels[split])),
         }
-    return MethodResult(out["val"], out["test"], [], 0, {"voting": "soft (mean logits)"})
+    ctx.mark("ensemble_created")
+    extra = {"voting": "soft (mean logits)", "num_source_models": len(ctx.source_bins)}
+    return MethodResult(out["val"], out["test"], [], 0, extra)
 
 
 def run_finetune(ctx: Context) -> MethodResult:
@@ -244,6 +287,8 @@ class Method:
     hyperparameters: Callable[[Any], dict]
     folder_suffix: Callable[[Any], str] = lambda config: ""
     flops: Callable[[Context, MethodResult, StepCosts], dict] | None = None
+    # Keys the reference's metrics.json has beside ours (e.g. `alignment_threshold`).
+    reference_hyperparameters: Callable[[Any], dict] = lambda config: {}
 
     def report_flops(self, ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
         if self.flops is not None:
@@ -253,6 +298,10 @@ class Method:
 
 def _grasp_settings(config) -> dict:
     return config.grasp.to_dict()
+
+
+def _grasp_reference_keys(config) -> dict:
+    return {"alignment_threshold": config.grasp.threshold}
 
 
 def grasp_folder_suffix(config) -> str:
@@ -273,6 +322,7 @@ REGISTRY: dict[str, Method] = {
             _grasp_settings,
             folder_suffix=grasp_folder_suffix,
             flops=grasp_flops,
+            reference_hyperparameters=_grasp_reference_keys,
         ),
         Method(
             "grasp_random",
@@ -280,6 +330,7 @@ REGISTRY: dict[str, Method] = {
             _grasp_settings,
             folder_suffix=grasp_folder_suffix,
             flops=grasp_flops,
+            reference_hyperparameters=_grasp_reference_keys,
         ),
         Method(
             "ensemble",

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from experiments import reference_format
 from grasp_jax import files, metrics
 
 
@@ -34,7 +35,8 @@ def run_record(
         "target": ctx.target,
         "sources": ctx.source_bins,
         "trial": trial,
-        "model": ctx.config.model,
+        "model": reference_format.model_string(ctx.config.model),
+        "zoo_model": ctx.config.model,
         "method": method.name,
         "seed": ctx.seed,
         "val_metrics": metrics.classification_metrics(
@@ -45,7 +47,11 @@ def run_record(
         ),
         "total_time_seconds": seconds,
         "total_time_minutes": seconds / 60,
-        "hyperparameters": method.hyperparameters(ctx.config),
+        "hyperparameters": {
+            **method.hyperparameters(ctx.config),
+            **method.reference_hyperparameters(ctx.config),
+            "batch_size": ctx.pipeline.batch_size,
+        },
         "dataset_sizes": {
             f"n_{k}_samples": len(v)
             for k, v in (
@@ -59,18 +65,16 @@ def run_record(
     }
     record["flops"] = method.report_flops(ctx, result, costs)
     peak = max((c["host_peak_mb"] or 0) for c in memory_log.values())
-    profile = {
-        "checkpoints": memory_log,
-        "peak": {
-            "host_peak_mb": peak,
-            "host_peak_gb": peak / 1024,
-            "device_peak_mb": memory_log["experiment_end"]["device_peak_mb"],
-        },
-        "device": jax.devices()[0].platform,
+    record["memory"] = {
+        "host_peak_mb": peak,
+        "host_peak_gb": peak / 1024,
+        "device_peak_mb": memory_log["experiment_end"]["device_peak_mb"],
         "note": "host peak is this process's VmHWM so far (all earlier runs)",
     }
-    record["memory"] = profile["peak"]
-    return record, profile
+    fields = reference_format.memory_fields(memory_log, jax.devices()[0].platform)
+    record["gpu_memory"] = fields["gpu_memory"]
+    record["memory_checkpoints"] = fields["memory_checkpoints"]
+    return record, fields["profile"]
 
 
 def write_run(
@@ -148,6 +152,12 @@ def write_text(path: Path, text: str) -> None:
             f"could not write {path} ({err.strerror or err}); free some space or choose a "
             "writable --workdir, then rerun (finished work is kept and resumed)"
         ) from None
+
+
+def write_text_once(path: Path, text: str) -> None:
+    """`write_text` from process 0 only (the others computed the same text)."""
+    if jax.process_index() == 0:
+        write_text(path, text)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -13,20 +13,23 @@ reused when their settings match, so an interrupted experiment resumes. Ends wit
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
 
 from absl import logging
 
-from experiments import methods, report, settings
+from experiments import methods, reference_format, report, settings
 from experiments import sources as src
 from grasp_jax import flops, memory
 
 
 def run_name(config, target: str, method: str, trial: int) -> str:
+    """The reference's folder name: `<model string>_<target>_<method>[_<thr>]_trial<k>`."""
     suffix = methods.REGISTRY[method].folder_suffix(config)
-    return f"{config.model}_{target}_{method}{suffix}_trial{trial}"
+    model = reference_format.model_string(config.model)
+    return f"{model}_{target}_{method}{suffix}_trial{trial}"
 
 
 def step_costs(config) -> methods.StepCosts:
@@ -50,7 +53,20 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
     summary["config"] = config.to_dict()
     summary["seconds"] = time.perf_counter() - start
     title = f"{config.dataset} / {config.model}"
-    report.write_summary(workdir / "results" / config.dataset, summary, title)
+    results_dir = workdir / "results" / config.dataset
+    report.write_summary(results_dir, summary, title)
+    for name in config.methods:  # the reference's multi-trial text files
+        method = methods.REGISTRY[name]
+        file_name = reference_format.summary_file_name(
+            name, method.folder_suffix(config), config.model, config.dataset
+        )
+        text = reference_format.summary_text(
+            name,
+            [r for r in results if r["method_label"] == name],
+            config.dataset,
+            config.model,
+        )
+        report.write_text_once(results_dir / file_name, text)
     return summary
 
 
@@ -143,11 +159,14 @@ def run_one(
 ) -> dict:
     """One (target, method, trial): run, evaluate, write every result file."""
     memory_log: dict = {}
-    memory_checkpoint(memory_log, "experiment_start")
+    ctx.mark = functools.partial(memory_checkpoint, memory_log)
+    ctx.out_dir = out_dir
+    ctx.mark("experiment_start")
+    ctx.mark("data_loaded")  # the runner loaded the target's splits before the run
     start = time.perf_counter()
     result = method.run(ctx)
     seconds = time.perf_counter() - start
-    memory_checkpoint(memory_log, "experiment_end")
+    ctx.mark("experiment_end")
     record, profile = report.run_record(
         ctx, method, trial, result, seconds, costs, memory_log
     )

@@ -58,6 +58,8 @@ def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
         )
     if config.trials < 1:
         raise ConfigError(f"config.trials={config.trials}; run at least one trial")
+    if config.save_final:
+        _check_save_final(config)
     if method_names is not None:
         unknown = sorted(set(config.methods) - set(method_names))
         if unknown:
@@ -73,6 +75,21 @@ def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
     if bad:
         raise ConfigError(f"unknown target(s) {bad}; the bins are {list(config.bins)}")
     return targets
+
+
+def _check_save_final(config) -> None:
+    if config.model not in interop.LAYOUTS:
+        raise ConfigError(
+            f"config.save_final: {config.model} has no PyTorch layout (only "
+            f"{sorted(interop.LAYOUTS)}); set save_final=False"
+        )
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "config.save_final writes a PyTorch checkpoint: install the torch extra "
+            "(pip install -e '.[torch]') or set save_final=False"
+        ) from None
 
 
 def config_seed(config: ml_collections.ConfigDict, name: str, *indices: int) -> int:

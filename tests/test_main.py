@@ -61,12 +61,12 @@ def test_every_method_writes_its_files(experiment):
             assert record["flops"]["total_gflops"] > 0
             assert json.loads((run / "flops_report.json").read_text()) == record["flops"]
             profile = json.loads((run / "memory_profile.json").read_text())
-            assert profile["peak"]["host_peak_mb"] > 0
+            assert profile["peak"]["pytorch_peak_allocated_mb"] > 0
             assert (run / "confusion_matrices" / "test_confusion_matrix.png").stat().st_size
             if method != "ensemble":
                 assert (run / "training_curves.png").exists()
     grasp_run = json.loads(
-        (results / "small_cnn_d2_grasp_30_trial1" / "metrics.json").read_text()
+        (results / "small-cnn_d2_grasp_30_trial1" / "metrics.json").read_text()
     )
     (stage,) = grasp_run["transfer_history"]
     assert stage["source"] == "d1" and 0 <= stage["fraction"] <= 1
@@ -76,6 +76,89 @@ def test_every_method_writes_its_files(experiment):
         "transfer_gflops_total",
         "finetune_gflops_total",
     }
+
+
+# REFERENCE.md 6.2-6.4: what a script written for the official code reads.
+REFERENCE_KEYS = {
+    "dataset", "target", "sources", "trial", "model", "method", "val_metrics",
+    "test_metrics", "total_time_seconds", "total_time_minutes", "flops", "gpu_memory",
+    "memory_checkpoints", "hyperparameters",
+}  # fmt: skip
+GPU_MEMORY_KEYS = {
+    f"{k}_{u}"
+    for k in (
+        "peak_gpu_memory",
+        "peak_allocated",
+        "pytorch_peak_allocated",
+        "peak_reserved",
+        "pytorch_peak_reserved",
+        "baseline_overhead",
+    )
+    for u in ("mb", "gb")
+} | {"device", "gpu_id", "is_cuda"}
+CHECKPOINT_KEYS = {
+    "pytorch_allocated_mb",
+    "pytorch_reserved_mb",
+    "pytorch_max_allocated_mb",
+    "pytorch_max_reserved_mb",
+    "actual_gpu_memory_mb",
+    "baseline_overhead_mb",
+}
+
+
+def test_outputs_have_every_key_of_the_reference(experiment):
+    _, workdir, _ = experiment
+    results = workdir / "results" / "digits_drift"
+    grasp = json.loads((results / "small-cnn_d2_grasp_30_trial1/metrics.json").read_text())
+    ensemble = json.loads(
+        (results / "small-cnn_d2_ensemble_trial2/metrics.json").read_text()
+    )
+    for record in (grasp, ensemble):
+        assert set(record) >= REFERENCE_KEYS and record["model"] == "small-cnn"
+        assert set(record["gpu_memory"]) >= GPU_MEMORY_KEYS
+        assert record["gpu_memory"]["memory_source"].startswith("host memory")  # CPU
+        for sample in record["memory_checkpoints"].values():
+            assert set(sample) == CHECKPOINT_KEYS
+    assert list(grasp["memory_checkpoints"]) == [
+        "experiment_start",
+        "data_loaded",
+        "initial_model_loaded",
+        "initial_finetuning_complete",
+        "experiment_end",
+    ]
+    assert set(grasp["hyperparameters"]) >= {
+        "initial_epochs", "finetune_epochs", "num_alignment_batches",
+        "alignment_threshold", "learning_rate", "batch_size",
+    }  # fmt: skip
+    assert grasp["hyperparameters"]["alignment_threshold"] == 0.3
+    assert set(grasp["transfer_history"][0]) >= {"source", "n_transferred"}
+    assert list(ensemble["memory_checkpoints"]) == [
+        "experiment_start",
+        "data_loaded",
+        "source_models_loaded",
+        "ensemble_created",
+        "experiment_end",
+    ]
+    assert ensemble["voting"] and ensemble["num_source_models"] == 2
+    assert set(ensemble["dataset_sizes"]) >= {"n_val_samples", "n_test_samples"}
+    profile = json.loads(
+        (results / "small-cnn_d2_grasp_30_trial1/memory_profile.json").read_text()
+    )
+    assert set(profile) >= {
+        "checkpoints", "peak", "device", "gpu_id", "is_cuda", "baseline_overhead_mb"
+    }  # fmt: skip
+    assert set(profile["peak"]) >= {
+        f"{k}_{u}"
+        for k in (
+            "pytorch_peak_allocated",
+            "pytorch_peak_reserved",
+            "actual_peak_gpu_memory",
+        )
+        for u in ("mb", "gb")
+    }
+    text = (results / "grasp_30_small-cnn_digits_drift_summary.txt").read_text()
+    assert "Target: d2 (2 trials)" in text and "Test accuracy:" in text
+    assert (results / "ensemble_small-cnn_digits_drift_summary.txt").exists()
 
 
 def test_methods_share_a_seed_per_target_and_trial(experiment):

@@ -62,8 +62,8 @@ def test_the_random_control_moves_units_not_aligned_ones(small_study):
     runs = workdir / "results" / "digits_drift"
     folders = sorted(p.name for p in runs.glob("*grasp_random*"))
     assert folders == [
-        "small_cnn_d2_grasp_random_30_channel_hard_trial1",
-        "small_cnn_d2_grasp_random_30_channel_hard_trial2",
-        "small_cnn_d2_grasp_random_30_trial1",
-        "small_cnn_d2_grasp_random_30_trial2",
+        "small-cnn_d2_grasp_random_30_channel_hard_trial1",
+        "small-cnn_d2_grasp_random_30_channel_hard_trial2",
+        "small-cnn_d2_grasp_random_30_trial1",
+        "small-cnn_d2_grasp_random_30_trial2",
     ]

@@ -44,5 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.sources = "all"  # "all" other bins (the reference), or "past" bins only
     config.trials = 3
     config.grasp = _section(GraspConfig())
+    # Save GRASP's final model as the reference does (a PyTorch state dict, run folder's
+    # checkpoints/); needs the torch extra and a model with a PyTorch layout.
+    config.save_final = False
     config.seed = 0
     return config
