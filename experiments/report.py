@@ -112,7 +112,7 @@ def write_source_matrix(results_dir: Path, matrix: dict, title: str) -> None:
     if jax.process_index() != 0:
         return
     write_json(results_dir / "source_matrix.json", matrix)
-    plt = _pyplot()
+    plt = pyplot()
     values = np.asarray(matrix["accuracy"])
     fig, ax = plt.subplots(figsize=(1.6 + 0.9 * values.shape[1], 1.2 + 0.5 * len(values)))
     ax.imshow(values, cmap="Blues", vmin=0, vmax=1)
@@ -168,7 +168,7 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, text)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,14 +182,14 @@ def save_figure(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=150, bbox_inches="tight")
     os.replace(tmp, path)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def confusion_matrix_png(
     matrix: list[list[int]], class_names: list[str], path: Path, title: str
 ) -> None:
     """Row-normalised confusion matrix with two-decimal cells, as the reference draws it."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = np.asarray(matrix, np.float64)
     rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(
@@ -217,7 +217,7 @@ def confusion_matrix_png(
 
 def training_curves_png(history: list[dict], path: Path, title: str) -> None:
     """Losses and validation accuracy over the concatenated epochs of all stages."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     x = np.arange(len(history))
     left.plot(x, [h["train_loss"] for h in history], label="train")
@@ -326,7 +326,7 @@ def summary_markdown(summary: dict, title: str) -> str:
 
 def summary_bar_chart(summary: dict, path: Path, title: str) -> None:
     """Accuracy per method, and each method's paired difference to GRASP with its CI."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(summary["methods"])
     means = [summary["methods"][n]["test_accuracy_mean"] for n in names]
     stds = [summary["methods"][n]["test_accuracy_std"] for n in names]
@@ -393,7 +393,7 @@ def write_study(results_dir: Path, study: dict, title: str) -> None:
         return
     write_json(results_dir / "study.json", study)
     write_text(results_dir / "study.md", study_markdown(study, title))
-    plt = _pyplot()
+    plt = pyplot()
     granularities = sorted({r["granularity"] for r in study["rows"]})
     fig, axes = plt.subplots(
         1, len(granularities), figsize=(4.2 * len(granularities), 3.6), sharey=True

@@ -1,0 +1,138 @@
+"""`experiments.compare` on a results tree shaped as the reference writes it (REFERENCE.md
+6.1-6.2) and one shaped as ours: matched runs, statistics by hand, missing cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(root: Path, name: str, record: dict) -> None:
+    path = root / "results" / "clear10" / name / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def reference_record(target, trial, accuracy, f1, minutes=2.0):
+    """The reference's keys: HF id as `model`, no seed, `alignment_threshold`."""
+    return {
+        "dataset": "clear10",
+        "target": target,
+        "sources": ["year_5-6"],
+        "trial": trial,
+        "model": "apple/mobilevit-xx-small",
+        "method": "grasp",
+        "val_metrics": {"accuracy": 0.5},
+        "test_metrics": {"accuracy": accuracy, "f1_score": f1, "auroc": 0.9},
+        "total_time_seconds": 60 * minutes,
+        "total_time_minutes": minutes,
+        "gpu_memory": {"peak_gpu_memory_gb": 3.0},
+        "hyperparameters": {"alignment_threshold": 0.3, "batch_size": 32},
+        "transfer_history": [{"source": "year_5-6", "n_transferred": 10}],
+    }
+
+
+def our_record(target, trial, accuracy, f1):
+    record = reference_record(target, trial, accuracy, f1, minutes=1.0)
+    return record | {
+        "model": "mobilevit-xxs",
+        "zoo_model": "mobilevit_xxs",
+        "gpu_memory": {"peak_gpu_memory_gb": 1.0},
+    }
+
+
+@pytest.fixture
+def trees(tmp_path):
+    reference, ours = tmp_path / "reference", tmp_path / "ours"
+    for trial, accuracy, f1 in ((1, 0.80, 0.70), (2, 0.90, 0.80)):
+        write_run(
+            reference,
+            f"mobilevit-xxs_year_1-2_grasp_30_trial{trial}",
+            reference_record("year_1-2", trial, accuracy, f1),
+        )
+    write_run(
+        reference,
+        "mobilevit-xxs_year_3-4_grasp_30_trial1",
+        reference_record("year_3-4", 1, 0.6, 0.5),
+    )
+    for trial, accuracy, f1 in ((1, 0.85, 0.75), (2, 0.85, 0.85), (3, 0.70, 0.60)):
+        write_run(
+            ours,
+            f"mobilevit-xxs_year_1-2_grasp_30_trial{trial}",
+            our_record("year_1-2", trial, accuracy, f1),
+        )
+    write_run(
+        ours,
+        "mobilevit-xxs_year_5-6_grasp_30_trial1",
+        our_record("year_5-6", 1, 0.5, 0.4),
+    )
+    return reference, ours
+
+
+def test_runs_are_matched_and_missing_sides_stay_missing(trees):
+    reference, ours = trees
+    rows = compare.compare(compare.read_runs(ours), compare.read_runs(reference))
+    assert [r["target"] for r in rows] == ["year_1-2", "year_3-4", "year_5-6"]
+    both, only_reference, only_ours = rows
+    assert both["model"] == "mobilevit_xxs" and both["method"] == "grasp (threshold 0.3)"
+    assert (both["ours_trials"], both["reference_trials"]) == (3, 2)
+    assert both["ours_accuracy_mean"] == pytest.approx(0.8)  # (85 + 85 + 70) / 3
+    assert both["ours_accuracy_std"] == pytest.approx((0.015 / 3) ** 0.5)
+    assert both["reference_accuracy_mean"] == pytest.approx(0.85)
+    assert both["reference_accuracy_std"] == pytest.approx(0.05)  # population std
+    assert both["accuracy_difference_points"] == pytest.approx(-5.0)
+    assert both["reference_minutes"] == 2.0 and both["ours_peak_gb"] == 1.0
+    assert (
+        only_reference["ours_trials"] == 0 and only_reference["ours_accuracy_mean"] is None
+    )
+    assert only_reference["accuracy_difference_points"] is None
+    assert only_ours["reference_trials"] == 0
+    text = compare.markdown(rows)
+    assert (
+        "| clear10 | mobilevit_xxs | grasp (threshold 0.3) | year_1-2 | 80.0 ± 7.1 (3) "
+        "| 85.0 ± 5.0 (2) | -5.0 | 73.3 ± 10.3 (3) | 75.0 ± 5.0 (2) | 90.0 ± 0.0 (3) "
+        "| 90.0 ± 0.0 (2) | 1.00 / 2.00 | 1.00 / 3.00 |"
+    ) in text
+    assert "| year_3-4 | missing | 60.0 ± 0.0 (1) | missing |" in text
+    assert "| year_5-6 | 50.0 ± 0.0 (1) | missing | missing |" in text
+    assert " 0.0 (0)" not in text  # a missing side is never a zero
+
+
+def test_the_command_writes_markdown_csv_and_png_without_torch(trees, tmp_path):
+    reference, ours = trees
+    out = tmp_path / "comparison.md"
+    script = (
+        "import sys; from absl import app; from experiments import compare\n"
+        "try:\n    app.run(compare.main)\n"
+        "except SystemExit:\n    print('torch' in sys.modules)"
+    )
+    flags = [f"--reference={reference}", f"--ours={ours}", f"--out={out}"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("False")  # torch never imported
+    assert out.read_text() in result.stdout
+    with out.with_suffix(".csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["target"] for r in table] == ["year_1-2", "year_3-4", "year_5-6"]
+    assert table[1]["ours_accuracy_mean"] == "" and table[2]["reference_trials"] == "0"
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_folder_without_runs_is_one_clear_error(tmp_path):
+    with pytest.raises(compare.ConfigError, match=r"no <dataset>/<run>/metrics\.json"):
+        compare.read_runs(tmp_path)
