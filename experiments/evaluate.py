@@ -1,0 +1,96 @@
+"""Evaluates one checkpoint on a bin's validation and test splits with our pipeline:
+
+    python -m experiments.evaluate --checkpoint=PATH --config=clear10 [--bin=year_1-2] \\
+        [--out=metrics.json]
+
+PATH: the reference's Lightning `.ckpt`, a `.pth`/`.bin`/safetensors file or HF folder
+(read with `weights_only=True` or safetensors), one of our checkpoint folders (a source,
+imported weights), or one of our run folders holding a `checkpoints/*_final.ckpt`
+(`config.save_final`). Writes the reference's metric keys (`val_metrics`,
+`test_metrics`: accuracy, weighted precision/recall/F1/AUROC, confusion matrix) and
+prints the accuracies. `--bin` defaults to the config's first target.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import cli, reference_format, report, settings
+from experiments import sources as src
+from experiments.configs import CONFIG_DIR, expand_config_argument
+from grasp_jax import checkpoints, evaluation, interop, metrics
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "What to evaluate (see above).")
+_BIN = flags.DEFINE_string("bin", None, "The bin whose splits to evaluate on.")
+_OUT = flags.DEFINE_string("out", None, "JSON file to write (default: print only).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the data is built (as for main).")
+
+
+def load_variables(config, path: Path) -> dict:
+    """The variables in `path`, shaped for `config.model` with its number of classes."""
+    if not path.exists():
+        raise settings.ConfigError(f"--checkpoint={path} does not exist")
+    if checkpoints.is_complete(path):
+        return checkpoints.restore_variables(path, src.model_and_abstract(config)[1])
+    if path.is_dir() and (path / "metrics.json").is_file():  # a run: its final model
+        finals = sorted((path / "checkpoints").glob("*_final.ckpt"))
+        if not finals:
+            raise settings.ConfigError(
+                f"{path} is a run folder without checkpoints/*_final.ckpt; rerun it "
+                "with --config.save_final=True, or pass a checkpoint file"
+            )
+        path = finals[0]
+    return interop.import_torch(config.model, path)  # a file or an HF model folder
+
+
+def evaluate_checkpoint(config, path: Path, bin_name: str, workdir: Path) -> dict:
+    """The reference's result keys for `path` on `bin_name`'s validation and test."""
+    model, _ = src.model_and_abstract(config)
+    variables = load_variables(config, path)
+    splits = src.load_splits(config, workdir, bin_name)
+    pipeline = settings.pipeline(config)
+    out = {
+        "checkpoint": str(path),
+        "dataset": config.dataset,
+        "target": bin_name,
+        "model": reference_format.model_string(config.model),
+        "zoo_model": config.model,
+    }
+    for key, split in (("val_metrics", "validation"), ("test_metrics", "test")):
+        predicted = evaluation.predict(model, variables, splits[split], pipeline)
+        out[key] = metrics.classification_metrics(predicted["logits"], predicted["labels"])
+    return out
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    with cli.one_line_errors("experiments.evaluate"):
+        if not _CHECKPOINT.value:
+            raise settings.ConfigError("pass --checkpoint=PATH")
+        targets = settings.check(config)
+        bin_name = _BIN.value or targets[0]
+        if bin_name not in config.bins:
+            raise settings.ConfigError(
+                f"--bin={bin_name}; the bins are {list(config.bins)}"
+            )
+        workdir = Path(_WORKDIR.value or f"runs/{config.name}")
+        result = evaluate_checkpoint(config, Path(_CHECKPOINT.value), bin_name, workdir)
+        if _OUT.value and jax.process_index() == 0:
+            report.write_json(Path(_OUT.value), result)
+    for key in ("val_metrics", "test_metrics"):
+        sys.stdout.write(f"{key}: accuracy {result[key]['accuracy']:.4f}\n")
+    sys.stdout.write(json.dumps({"target": bin_name, "checkpoint": str(_CHECKPOINT.value)}))
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    app.run(main, argv=expand_config_argument(sys.argv))

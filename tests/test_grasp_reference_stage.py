@@ -1,0 +1,91 @@
+"""One GRASP transfer stage written in PyTorch the reference's way (REFERENCE.md 4.1,
+steps 5.2-5.3) and ours on the same imported weights: the same tensors move, to the same
+values, and the BatchNorm statistics are the current model's after its train-mode pass.
+
+Dropout is off on both sides (PyTorch and JAX draw different masks); the current model
+runs in train mode, as in the reference, so BatchNorm uses batch statistics and updates
+its running statistics.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import torch
+
+import grasp_jax as gj
+from grasp_jax import grasp, interop, models
+from tests import torch_models
+
+NAME, CLASSES, THRESHOLD = "mobilevit_xxs", 10, 0.3
+
+
+def reference_stage(current, source, images, labels) -> tuple[dict, dict]:
+    """The reference's alignment and transfer: summed per-parameter gradients of both
+    models on the batch (current in train mode, source in eval mode), cosine scores
+    `dot / (|a| |b| + 1e-8)`, and every parameter scoring above the threshold copied
+    from the source. Buffers never move."""
+    current.train()
+    source.eval()
+    grads = []
+    for model in (current, source):
+        model.zero_grad()
+        logits = model(torch.from_numpy(images)).logits
+        torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).backward()
+        grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
+    scores = {}
+    for key, a in grads[0].items():
+        b = grads[1][key]
+        scores[key] = float((a.flatten() @ b.flatten()) / (a.norm() * b.norm() + 1e-8))
+    merged = {k: v.detach().clone() for k, v in current.state_dict().items()}
+    source_state = source.state_dict()
+    for key, score in scores.items():
+        if score > THRESHOLD:
+            merged[key] = source_state[key].detach().clone()
+    return {k: v.numpy() for k, v in merged.items()}, scores
+
+
+def test_a_stage_moves_the_same_tensors_to_the_same_values():
+    current = torch_models.randomize(torch_models.hf_model(NAME, CLASSES, dropout=False), 1)
+    source = torch_models.randomize(torch_models.hf_model(NAME, CLASSES, dropout=False), 2)
+    ours_current = interop.import_torch(NAME, current.state_dict())  # before any forward
+    ours_source = interop.import_torch(NAME, source.state_dict())
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4, 3, 96, 96)).astype(np.float32)
+    labels = np.array([0, 3, 5, 9])
+
+    expected, scores = reference_stage(current, source, images, labels)
+
+    module = models.create(NAME, CLASSES, **torch_models.FLAX_NO_DROPOUT[NAME])
+    batches = [
+        {
+            "image": images.transpose(0, 2, 3, 1),
+            "label": labels.astype(np.int32),
+            "rng": gj.seeding.root_key(0),
+        }
+    ]
+    grad_current, stats = grasp.alignment_gradients(module, ours_current, batches, True)
+    grad_source, _ = grasp.alignment_gradients(module, ours_source, batches, False)
+    merged, merge_stats = gj.merge_step(
+        ours_current["params"],
+        ours_source["params"],
+        grad_current,
+        grad_source,
+        threshold=THRESHOLD,
+    )
+    got = interop.export_numpy(NAME, {"params": merged, "batch_stats": stats}, layout="hf")
+
+    moved = {k for k, s in scores.items() if s > THRESHOLD}
+    assert 0 < len(moved) < len(scores)  # a real split, not all or nothing
+    margin = min(abs(s - THRESHOLD) for s in scores.values())
+    assert margin > 1e-4, f"a score lies {margin:.1e} from the threshold: fragile case"
+    assert int(np.sum([np.sum(m) for m in jax.tree.leaves(merge_stats.mask)])) == sum(
+        expected[k].size for k in moved
+    )
+    for key, value in expected.items():
+        if "num_batches_tracked" in key:
+            continue  # a counter PyTorch keeps and we do not (unused with a momentum)
+        if "running_" in key:  # statistics after the train-mode pass: numerically equal
+            np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+        else:  # parameters: copied or kept, bit for bit
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
