@@ -50,32 +50,29 @@ def our_record(target, trial, accuracy, f1):
     }
 
 
+# (side, target, trial, test accuracy, F1): year_3-4 only in the reference, year_5-6 only
+# in ours, year_1-2 in both with 2 and 3 trials.
+RUNS = [
+    ("reference", "year_1-2", 1, 0.80, 0.70),
+    ("reference", "year_1-2", 2, 0.90, 0.80),
+    ("reference", "year_3-4", 1, 0.60, 0.50),
+    ("ours", "year_1-2", 1, 0.85, 0.75),
+    ("ours", "year_1-2", 2, 0.85, 0.85),
+    ("ours", "year_1-2", 3, 0.70, 0.60),
+    ("ours", "year_5-6", 1, 0.50, 0.40),
+]
+
+
 @pytest.fixture
 def trees(tmp_path):
-    reference, ours = tmp_path / "reference", tmp_path / "ours"
-    for trial, accuracy, f1 in ((1, 0.80, 0.70), (2, 0.90, 0.80)):
+    make = {"reference": reference_record, "ours": our_record}
+    for side, target, trial, accuracy, f1 in RUNS:
         write_run(
-            reference,
-            f"mobilevit-xxs_year_1-2_grasp_30_trial{trial}",
-            reference_record("year_1-2", trial, accuracy, f1),
+            tmp_path / side,
+            f"mobilevit-xxs_{target}_grasp_30_trial{trial}",
+            make[side](target, trial, accuracy, f1),
         )
-    write_run(
-        reference,
-        "mobilevit-xxs_year_3-4_grasp_30_trial1",
-        reference_record("year_3-4", 1, 0.6, 0.5),
-    )
-    for trial, accuracy, f1 in ((1, 0.85, 0.75), (2, 0.85, 0.85), (3, 0.70, 0.60)):
-        write_run(
-            ours,
-            f"mobilevit-xxs_year_1-2_grasp_30_trial{trial}",
-            our_record("year_1-2", trial, accuracy, f1),
-        )
-    write_run(
-        ours,
-        "mobilevit-xxs_year_5-6_grasp_30_trial1",
-        our_record("year_5-6", 1, 0.5, 0.4),
-    )
-    return reference, ours
+    return tmp_path / "reference", tmp_path / "ours"
 
 
 def test_runs_are_matched_and_missing_sides_stay_missing(trees):
