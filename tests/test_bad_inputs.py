@@ -205,7 +205,10 @@ def test_non_finite_gradients_are_reported_and_never_transferred(bad):
 # --- training ----------------------------------------------------------------------------
 
 
-def test_a_nan_loss_stops_the_stage_and_keeps_the_last_good_state(digits_dir, monkeypatch):
+@pytest.mark.parametrize("bad_epoch", [0, 1])
+def test_a_nan_loss_stops_the_stage_and_keeps_the_last_good_state(
+    digits_dir, monkeypatch, bad_epoch
+):
     from grasp_jax import input_pipeline as ip
     from grasp_jax import loop, recipe, train
 
@@ -221,13 +224,18 @@ def test_a_nan_loss_stops_the_stage_and_keeps_the_last_good_state(digits_dir, mo
         if calls[0] == steps + 1:  # the first step of epoch 1
             seen["epoch0"] = jax.tree.map(np.asarray, state.variables)
         state, metrics = real_step(state, batch, **kwargs)
-        if calls[0] > steps:
+        if calls[0] > bad_epoch * steps:
             metrics = {**metrics, "loss": metrics["loss"] * jnp.nan}
         return state, metrics
 
     monkeypatch.setattr(train, "train_step", poisoned_step)
     config = recipe.TrainConfig(epochs=3, learning_rate=3e-3, augment=False)
-    with pytest.warns(RuntimeWarning, match=r"training loss nan in epoch 1; stopped"):
+    kept = "epoch 0" if bad_epoch else "the start"
+    with pytest.warns(
+        RuntimeWarning,
+        match=rf"training loss nan in epoch {bad_epoch}; stopped there, keeping the "
+        rf"variables of {kept}",
+    ):
         result = loop.fit(
             module,
             start,
@@ -237,10 +245,14 @@ def test_a_nan_loss_stops_the_stage_and_keeps_the_last_good_state(digits_dir, mo
             pipeline=pipe,
             progress=False,
         )
-    assert result.best_epoch == 0 and "epoch 1" in result.stopped
-    assert [h["epoch"] for h in result.history] == [0, 1]
-    assert "stopped" in result.history[1]
-    jax.tree.map(np.testing.assert_array_equal, result.variables, seen["epoch0"])
+    assert result.best_epoch == bad_epoch - 1 and f"epoch {bad_epoch}" in result.stopped
+    assert [h["epoch"] for h in result.history] == list(range(bad_epoch + 1))
+    assert "stopped" in result.history[-1]
+    expected = seen["epoch0"] if bad_epoch else start
+    jax.tree.map(np.testing.assert_array_equal, result.variables, expected)
+    if not bad_epoch:  # the start's own validation accuracy
+        again = gj.evaluation.predict(module, start, data["validation"], pipe)
+        assert result.best_val_accuracy == again["accuracy"]
 
 
 # --- data --------------------------------------------------------------------------------

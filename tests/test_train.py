@@ -139,7 +139,7 @@ def test_best_variables_are_the_best_epoch(digits_dir, monkeypatch, accuracies, 
         pipeline=PIPE,
         progress=False,
     )
-    assert result.best_epoch == best
+    assert result.best_epoch == best and result.stopped is None
     assert result.best_val_accuracy == accuracies[best]
     assert [h["val_accuracy"] for h in result.history] == accuracies
     jax.tree.map(np.testing.assert_array_equal, result.variables, validated[best])
@@ -178,9 +178,20 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digits_dir, tmp_
             writer=_FailingWriter(fail_at=2),
             **kwargs,
         )
-    resumed = loop.fit(
-        module, variables, data["train"], data["validation"], workdir=tmp_path, **kwargs
-    )
+    steps_run = []
+    real_step = train.train_step
+
+    def counting_step(*args, **step_kwargs):
+        steps_run.append(1)
+        return real_step(*args, **step_kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "train_step", counting_step)
+        resumed = loop.fit(
+            module, variables, data["train"], data["validation"], workdir=tmp_path, **kwargs
+        )
+    # epochs 0 and 1 were checkpointed: the rerun trains epoch 2 only
+    assert len(steps_run) == ip.steps_per_epoch(data["train"], PIPE.batch_size)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert [h["val_accuracy"] for h in resumed.history] == [
         h["val_accuracy"] for h in whole.history
@@ -222,3 +233,43 @@ def test_bfloat16_compute_keeps_float32_parameters():
     )
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_one_full_batch_trains_and_less_is_an_error(digits_dir):
+    module, variables = small_model()
+    data = splits(digits_dir, "d1")
+    examples = [data["train"][i] for i in range(40)]  # one batch of 32, 8 dropped
+    config = dataclasses.replace(FAST, epochs=1)
+    kwargs = {"config": config, "pipeline": PIPE, "progress": False}
+    result = loop.fit(module, variables, examples, data["validation"], **kwargs)
+    assert len(result.history) == 1
+    with pytest.raises(ValueError, match=r"train: 20 training examples make no full batch"):
+        loop.fit(module, variables, examples[:20], data["validation"], **kwargs)
+
+
+def test_the_callers_variables_survive_and_augment_is_passed(digits_dir, monkeypatch):
+    """fit donates its state step after step: it must train a copy. And the recipe's
+    `augment` reaches the step."""
+    module, variables = small_model()
+    on_device = jax.tree.map(jnp.asarray, variables)
+    data = splits(digits_dir, "d1")
+    seen = []
+    real_step = train.train_step
+
+    def spy(state, batch, **kwargs):
+        seen.append(kwargs["augment"])
+        return real_step(state, batch, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    config = dataclasses.replace(FAST, epochs=1, augment=True)
+    loop.fit(
+        module,
+        on_device,
+        data["train"],
+        data["validation"],
+        config=config,
+        pipeline=PIPE,
+        progress=False,
+    )
+    assert seen and set(seen) == {True}
+    jax.tree.map(np.testing.assert_array_equal, on_device, variables)  # not deleted
