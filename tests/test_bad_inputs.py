@@ -303,6 +303,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(pairs, message):
         ("pipeline.batch_size", 0, r"pipeline\.batch_size=0; use at least 1"),
         ("pipeline.hue", 0.7, r"pipeline\.hue=0\.7; a hue shift lies in \[0, 0\.5\]"),
         ("dataset", "clear1000", r"config\.dataset='clear1000'; choose one of \['clear10'"),
+        ("save_final", True, r"config\.save_final: small_cnn has no PyTorch layout"),
     ],
 )
 def test_out_of_range_values_fail_before_any_work(key, value, message):
