@@ -275,7 +275,41 @@ def grasp_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
             "finetune_gflops_total": (training - initial) / 1e9,
         }
 
-    return training_flops(ctx, result, costs, label="GRASP", phases=phases)
+    out = training_flops(ctx, result, costs, label="GRASP", phases=phases)
+    parts = ("initial_training", "alignment", "transfer", "finetune")
+    keys = ("initial_training_gflops", "alignment_gflops_total", "transfer_gflops_total")
+    keys += ("finetune_gflops_total",)
+    out["breakdown"] = {  # the reference's, as percent of the total
+        f"{part}_percent": 100 * out[key] / out["total_gflops"]
+        for part, key in zip(parts, keys, strict=True)
+    }
+    return out
+
+
+def ensemble_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
+    """Every source's inference on validation and test plus averaging their logits
+    (soft voting on logits: no softmax), with the reference's ensemble keys."""
+    sources = len(ctx.source_bins)
+    out = training_flops(ctx, result, costs, label="ensemble", models_evaluated=sources)
+    per_image = costs.eval_step / costs.batch_size
+    n_val, n_test = len(ctx.splits["validation"]), len(ctx.splits["test"])
+    combination = sources * ctx.config.num_classes * (n_val + n_test)
+    out["total_gflops"] += combination / 1e9
+    out |= {
+        "voting": "soft (mean logits)",
+        "single_model_inference_gflops": per_image / 1e9,
+        "val_inference_gflops": sources * per_image * n_val / 1e9,
+        "test_inference_gflops": sources * per_image * n_test / 1e9,
+        "combination_gflops": combination / 1e9,
+        "softmax_gflops": 0.0,
+        "n_val_samples": n_val,
+        "n_test_samples": n_test,
+    }
+    out["breakdown"] = {
+        f"{key}_percent": 100 * out[f"{key}_gflops"] / out["total_gflops"]
+        for key in ("val_inference", "test_inference", "combination")
+    }
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,13 +370,7 @@ REGISTRY: dict[str, Method] = {
             "ensemble",
             run_ensemble,
             lambda config: {},
-            flops=lambda ctx, result, costs: training_flops(
-                ctx,
-                result,
-                costs,
-                label="ensemble",
-                models_evaluated=len(ctx.source_bins),
-            ),
+            flops=ensemble_flops,
         ),
         Method("finetune", run_finetune, _grasp_settings),
         Method(

@@ -156,6 +156,24 @@ def test_outputs_have_every_key_of_the_reference(experiment):
         )
         for u in ("mb", "gb")
     }
+    assert set(grasp["flops"]) >= {
+        "method", "model_params_millions", "inference_gflops", "initial_training_gflops",
+        "alignment_gflops_total", "transfer_gflops_total", "finetune_gflops_total",
+        "total_gflops", "n_sources", "breakdown",
+    }  # fmt: skip
+    assert set(grasp["flops"]["breakdown"]) == {
+        "initial_training_percent", "alignment_percent", "transfer_percent",
+        "finetune_percent",
+    }  # fmt: skip
+    assert set(ensemble["flops"]) >= {
+        "method", "voting", "model_params_millions", "single_model_inference_gflops",
+        "val_inference_gflops", "test_inference_gflops", "combination_gflops",
+        "softmax_gflops", "total_gflops", "n_sources", "n_val_samples", "n_test_samples",
+        "breakdown",
+    }  # fmt: skip
+    assert set(ensemble["flops"]["breakdown"]) == {
+        "val_inference_percent", "test_inference_percent", "combination_percent"
+    }  # fmt: skip
     text = (results / "grasp_30_small-cnn_digits_drift_summary.txt").read_text()
     assert "Target: d2 (2 trials)" in text and "Test accuracy:" in text
     assert (results / "ensemble_small-cnn_digits_drift_summary.txt").exists()
