@@ -27,10 +27,6 @@ from experiments import cli, report
 from experiments.reference_format import zoo_name
 from experiments.settings import ConfigError
 
-_REFERENCE = flags.DEFINE_string("reference", None, "The reference's results folder.")
-_OURS = flags.DEFINE_string("ours", None, "Our results folder.")
-_OUT = flags.DEFINE_string("out", None, "Markdown file to write (also .csv and .png).")
-
 # The reference's drivers pass HF ids as `--model` (REFERENCE.md 1.6).
 HF_IDS = {
     "apple/mobilevit-xx-small": "mobilevit_xxs",
@@ -176,15 +172,24 @@ def accuracy_png(rows: list[dict], path: Path) -> None:
     report.save_figure(fig, path)
 
 
+def define_flags() -> None:
+    """The command's flags (defined when it runs, so that importing this module next
+    to the other commands does not define a flag twice)."""
+    flags.DEFINE_string("reference", None, "The reference's results folder.")
+    flags.DEFINE_string("ours", None, "Our results folder.")
+    flags.DEFINE_string("out", None, "Markdown file to write (also .csv and .png).")
+
+
 def main(argv: list[str]) -> None:
     del argv
+    given = flags.FLAGS
     with cli.one_line_errors("experiments.compare"):
-        if not _REFERENCE.value or not _OURS.value:
+        if not given.reference or not given.ours:
             raise ConfigError("pass --reference=DIR and --ours=DIR (results folders)")
-        rows = compare(read_runs(Path(_OURS.value)), read_runs(Path(_REFERENCE.value)))
+        rows = compare(read_runs(Path(given.ours)), read_runs(Path(given.reference)))
         text = markdown(rows)
-        if _OUT.value:
-            out = Path(_OUT.value)
+        if given.out:
+            out = Path(given.out)
             report.write_text(out, text)
             report.write_text(out.with_suffix(".csv"), csv_text(rows))
             accuracy_png(rows, out.with_suffix(".png"))
@@ -192,4 +197,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -26,11 +26,15 @@ from experiments import sources as src
 from experiments.configs import CONFIG_DIR, expand_config_argument
 from grasp_jax import checkpoints, evaluation, interop, metrics
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "What to evaluate (see above).")
-_BIN = flags.DEFINE_string("bin", None, "The bin whose splits to evaluate on.")
-_OUT = flags.DEFINE_string("out", None, "JSON file to write (default: print only).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the data is built (as for main).")
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs: `config`, `workdir` and `out` are the
+    other commands' names too)."""
+    config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
+    flags.DEFINE_string("checkpoint", None, "What to evaluate (see above).")
+    flags.DEFINE_string("bin", None, "The bin whose splits to evaluate on.")
+    flags.DEFINE_string("out", None, "JSON file to write (default: print only).")
+    flags.DEFINE_string("workdir", None, "Where the data is built (as for main).")
 
 
 def load_variables(config, path: Path) -> dict:
@@ -72,25 +76,27 @@ def evaluate_checkpoint(config, path: Path, bin_name: str, workdir: Path) -> dic
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
+    given = flags.FLAGS
+    config = given.config
     with cli.one_line_errors("experiments.evaluate"):
-        if not _CHECKPOINT.value:
+        if not given.checkpoint:
             raise settings.ConfigError("pass --checkpoint=PATH")
         targets = settings.check(config)
-        bin_name = _BIN.value or targets[0]
+        bin_name = given.bin or targets[0]
         if bin_name not in config.bins:
             raise settings.ConfigError(
                 f"--bin={bin_name}; the bins are {list(config.bins)}"
             )
-        workdir = Path(_WORKDIR.value or f"runs/{config.name}")
-        result = evaluate_checkpoint(config, Path(_CHECKPOINT.value), bin_name, workdir)
-        if _OUT.value and jax.process_index() == 0:
-            report.write_json(Path(_OUT.value), result)
+        workdir = Path(given.workdir or f"runs/{config.name}")
+        result = evaluate_checkpoint(config, Path(given.checkpoint), bin_name, workdir)
+        if given.out and jax.process_index() == 0:
+            report.write_json(Path(given.out), result)
     for key in ("val_metrics", "test_metrics"):
         sys.stdout.write(f"{key}: accuracy {result[key]['accuracy']:.4f}\n")
-    sys.stdout.write(json.dumps({"target": bin_name, "checkpoint": str(_CHECKPOINT.value)}))
+    sys.stdout.write(json.dumps({"target": bin_name, "checkpoint": given.checkpoint}))
     sys.stdout.write("\n")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, argv=expand_config_argument(sys.argv))

@@ -109,6 +109,7 @@ def test_the_command_writes_markdown_csv_and_png_without_torch(trees, tmp_path):
     out = tmp_path / "comparison.md"
     script = (
         "import sys; from absl import app; from experiments import compare\n"
+        "compare.define_flags()\n"
         "try:\n    app.run(compare.main)\n"
         "except SystemExit:\n    print('torch' in sys.modules)"
     )
