@@ -109,3 +109,30 @@ def test_every_string_option_is_checked_before_any_work(
     with pytest.raises(settings.ConfigError):
         runner.run_experiment(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # nothing was trained or written
+
+
+def test_seeds_differ_by_stream_and_index():
+    """Every (target, trial) run and every source gets its own seed from config.seed."""
+    config = digits.get_config()
+    seeds = {
+        settings.config_seed(config, name, *indices)
+        for name, indices in (("run", (0, 1)), ("run", (0, 2)), ("run", (1, 1)))
+    } | {settings.config_seed(config, "source", i) for i in range(3)}
+    assert len(seeds) == 6
+    config.seed = 1
+    assert settings.config_seed(config, "run", 0, 1) not in seeds
+
+
+def test_reuse_check_names_every_differing_key_path():
+    stored = {"a": 1, "only_stored": 2, "nested": {"x": 1, "y": {"z": 1}}, "flat": 3}
+    expected = {"a": 1, "only_expected": 2, "nested": {"x": 2, "y": {"z": 1}}, "flat": {}}
+    with pytest.raises(
+        settings.ConfigError,
+        match=r"run with other settings \(\['flat', 'nested\.x', 'only_expected', "
+        r"'only_stored'\]\); fix it\.",
+    ):
+        settings.require_same(stored, expected, "run", "fix it")
+    many = {f"k{i}": i for i in range(9)}
+    with pytest.raises(settings.ConfigError, match=r"\['k0', .*'k7'\]\)"):
+        settings.require_same(many, {}, "run", "fix it")
+    settings.require_same(stored, dict(stored), "run", "fix it")  # equal: no error
