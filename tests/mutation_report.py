@@ -18,8 +18,11 @@ STATUS = {
     5: "no tests",
     33: "no tests",
     36: "timeout",
+    -24: "timeout",
+    255: "crashed",  # the test run died before pytest reported (e.g. import failed)
+    -11: "crashed",
 }
-COLUMNS = ("killed", "survived", "no tests", "timeout", "other")
+COLUMNS = ("killed", "crashed", "survived", "no tests", "timeout", "other")
 
 
 def results(root: Path = Path("mutants")) -> dict[str, dict[str, collections.Counter]]:
@@ -38,14 +41,15 @@ def results(root: Path = Path("mutants")) -> dict[str, dict[str, collections.Cou
 
 def row(name: str, counts: collections.Counter) -> str:
     total = sum(counts.values())
-    tested = counts["killed"] + counts["survived"]
-    score = f"{100 * counts['killed'] / tested:.0f} %" if tested else "-"
+    caught = counts["killed"] + counts["crashed"]
+    tested = caught + counts["survived"]
+    score = f"{100 * caught / tested:.0f} %" if tested else "-"
     cells = " | ".join(str(counts[c]) for c in COLUMNS)
     return f"| {name} | {total} | {cells} | {score} |"
 
 
 def markdown(found: dict[str, dict[str, collections.Counter]]) -> str:
-    head = "| {} | mutants | " + " | ".join(COLUMNS) + " | killed / tested |"
+    head = "| {} | mutants | " + " | ".join(COLUMNS) + " | caught / tested |"
     rule = "|---|---:|" + "---:|" * len(COLUMNS) + "---:|"
     lines = [head.format("module"), rule]
     total = collections.Counter()

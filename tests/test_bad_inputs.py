@@ -460,3 +460,15 @@ def _umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
+
+
+def test_save_final_without_torch_says_how_to_install_it(monkeypatch):
+    config = digits.get_config("model=mobilevit_xxs")
+    config.save_final = True
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(
+        settings.ConfigError,
+        match=r"^config\.save_final writes a PyTorch checkpoint: install the torch extra "
+        r"\(pip install -e '\.\[torch\]'\) or set save_final=False$",
+    ):
+        settings.check(config)
