@@ -33,7 +33,7 @@ def results(root: Path = Path("mutants")) -> dict[str, dict[str, collections.Cou
         functions = out.setdefault(module, {})
         for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             function = re.sub(r"__mutmut_\d+$", "", key.rsplit(".", 1)[-1])
-            function = function.removeprefix("x_").replace("ǁ", ".")
+            function = function.removeprefix("xǁ").removeprefix("x_").replace("ǁ", ".")
             status = STATUS.get(code, "other")
             functions.setdefault(function, collections.Counter())[status] += 1
     return out
