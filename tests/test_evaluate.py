@@ -105,3 +105,29 @@ def test_the_command_writes_the_reference_keys(digits_dir, tmp_path, lightning):
     )
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().endswith("none does not exist")
+
+
+def test_save_final_writes_the_reference_state_dict_that_evaluate_reads(tmp_path):
+    """GRASP's final model, as the reference saves it (`checkpoints/<run>_final.ckpt`, a
+    raw state dict without `model.`), read back by PyTorch and by `evaluate`."""
+    import types
+
+    import jax
+
+    from experiments import methods
+    from grasp_jax import models
+
+    variables = models.init("mobilevit_xxs", 10, jax.random.PRNGKey(3), (1, 64, 64, 3))
+    run = tmp_path / "mobilevit-xxs_d1_grasp_30_trial2"
+    ctx = types.SimpleNamespace(
+        out_dir=run, config=types.SimpleNamespace(model="mobilevit_xxs")
+    )
+    path = methods.save_final(ctx, variables)
+    assert path == run / "checkpoints" / "mobilevit-xxs_d1_grasp_30_final.ckpt"
+    state = torch.load(path, weights_only=True)
+    assert "classifier.weight" in state and not any(k.startswith("model.") for k in state)
+    (run / "metrics.json").write_text("{}")  # a finished run folder
+    config = digits.get_config("model=mobilevit_xxs,pipeline.resize_size=64")
+    config.pipeline.crop_size = 64
+    restored = evaluate.load_variables(config, run)
+    jax.tree.map(np.testing.assert_array_equal, restored, variables)
