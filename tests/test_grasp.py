@@ -236,10 +236,16 @@ def test_stages_run_in_the_reference_order_from_the_right_state():
     def model_vars(w):
         return {"params": {"w": np.full(3, w, np.float32)}, "batch_stats": {"n": w}}
 
+    keys = []
+
     def finetune(variables, epochs, key, label):
         w = float(variables["params"]["w"][0])
         calls.append(("finetune", w, epochs, label))
+        keys.append(key)
         return grasp.FineTuned(model_vars(w + 1), best_val_accuracy=w, history=[{"w": w}])
+
+    def validate(variables):  # a "validation accuracy" that names the model
+        return float(variables["params"]["w"][0]) / 100
 
     def gradients(variables, batches, train_mode):
         w = float(variables["params"]["w"][0])
@@ -258,6 +264,7 @@ def test_stages_run_in_the_reference_order_from_the_right_state():
         finetune=finetune,
         alignment_batches=lambda key: (int(key[-1]),),
         gradients=gradients,
+        validate=validate,
     )
     config = grasp.GraspConfig(initial_epochs=2, finetune_epochs=1)
     result = grasp.run_grasp(
@@ -287,6 +294,20 @@ def test_stages_run_in_the_reference_order_from_the_right_state():
     # source's, then whatever fine-tuning made of them.
     assert [s.val_accuracy_after_finetune for s in result.stages] == [0.0, 10.0, 20.0]
     assert [s.fraction for s in result.stages[1:]] == [1.0, 1.0]
+    # each stage fine-tunes with its own key, stream(key, "finetune", stage)
+    for stage, key in enumerate(keys):
+        expected = seeding.stream(jax.random.PRNGKey(0), "finetune", stage)
+        np.testing.assert_array_equal(key, expected)
+    # validation before and after each merge: the fine-tuned, then the merged model
+    assert [
+        (s.val_accuracy_before_merge, s.val_accuracy_after_merge) for s in result.stages[1:]
+    ] == [(0.01, 0.1), (0.11, 0.2)]
+    assert [s.source for s in result.stages] == ["first", "a", "b"]
+    assert [s.history for s in result.stages] == [
+        [{"w": 0.0}],
+        [{"w": 10.0}],
+        [{"w": 20.0}],
+    ]
 
 
 def test_merged_batch_stats_are_the_current_models_after_alignment():
