@@ -1,0 +1,191 @@
+"""The merging literature's weight-space merges, all sources at once.
+
+Each function takes the K source trees (and the shared pretrained `base` where the method
+works on task vectors, tau_k = theta_k - base) and returns one tree of the same structure
+and dtypes. Arithmetic runs in float32 and the result is cast back to each leaf's dtype.
+Hyperparameters are keywords with the defaults FusionBench and the papers use; the
+numeric ones are traced, so changing them does not recompile (TIES' `keep` is static:
+it fixes an index). `streaming.py` has the same merges taking one source at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from grasp_jax.tree_checks import PyTree, check_floating, check_same_structure
+
+
+def check_sources(
+    sources: Sequence[PyTree], base: PyTree | None = None, label: str = "sources"
+) -> list:
+    """The trees to merge, base first when given; raises ValueError naming the problem."""
+    trees = ([base] if base is not None else []) + list(sources)
+    if not sources:
+        raise ValueError(f"merging needs at least one tree in {label}; got none")
+    names = (("base",) if base is not None else ()) + tuple(
+        f"{label}[{k}]" for k in range(len(sources))
+    )
+    check_same_structure(names, *trees)
+    check_floating(names, *trees)
+    return trees
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+def _merged(base_or_ref: PyTree, merged_f32: PyTree) -> PyTree:
+    return jax.tree.map(lambda r, m: m.astype(jnp.result_type(r)), base_or_ref, merged_f32)
+
+
+@jax.jit
+def _soup(sources):
+    mean = jax.tree.map(lambda *xs: sum(map(_f32, xs)) / len(xs), *sources)
+    return _merged(sources[0], mean)
+
+
+def soup(sources: Sequence[PyTree]) -> PyTree:
+    """The uniform mean of the sources' weights (a uniform model soup)."""
+    return _soup(check_sources(sources))
+
+
+def task_vectors(base: PyTree, sources: Sequence[PyTree]) -> list[PyTree]:
+    """tau_k = theta_k - base, in float32."""
+    return [jax.tree.map(lambda s, b: _f32(s) - _f32(b), s, base) for s in sources]
+
+
+@jax.jit
+def _task_arithmetic(base, sources, scale):
+    taus = task_vectors(base, sources)
+    return _merged(base, jax.tree.map(lambda b, *t: _f32(b) + scale * sum(t), base, *taus))
+
+
+def task_arithmetic(base: PyTree, sources: Sequence[PyTree], *, scale=0.3) -> PyTree:
+    """base + scale * sum_k tau_k (Ilharco et al. 2023; scale 0.3 as in FusionBench)."""
+    base, *sources = check_sources(sources, base)
+    return _task_arithmetic(base, sources, scale)
+
+
+def trim_threshold(tau: PyTree, keep: float) -> jax.Array:
+    """The magnitude at or above which `tau` keeps its entries: as in the TIES authors'
+    code, the k-th smallest magnitude over the whole task vector, k = n - int(keep * n)
+    (1-based; 0 keeps everything), so int(keep * n) + 1 entries survive barring ties."""
+    magnitudes = jnp.concatenate([jnp.abs(x).ravel() for x in jax.tree.leaves(tau)])
+    kth = magnitudes.size - int(keep * magnitudes.size)
+    if kth == 0:
+        return jnp.float32(0.0)
+    return jnp.sort(magnitudes)[kth - 1]
+
+
+def trim(tau: PyTree, threshold) -> PyTree:
+    return jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= threshold, x, 0.0), tau)
+
+
+def disjoint_mean(trimmed: Sequence[PyTree], sign: PyTree) -> PyTree:
+    """Per element, the mean of the entries whose sign is the elected one (0 if none)."""
+
+    def mean(s, *xs):
+        agree = [(jnp.sign(x) == s) & (x != 0) for x in xs]
+        total = sum(jnp.where(a, x, 0.0) for a, x in zip(agree, xs, strict=True))
+        count = sum(a.astype(jnp.float32) for a in agree)
+        return total / jnp.maximum(count, 1.0)
+
+    return jax.tree.map(mean, sign, *trimmed)
+
+
+@functools.partial(jax.jit, static_argnames="keep")
+def _ties(base, sources, scale, *, keep):
+    trimmed = [trim(t, trim_threshold(t, keep)) for t in task_vectors(base, sources)]
+    sign = jax.tree.map(lambda *xs: jnp.sign(sum(xs)), *trimmed)
+    delta = disjoint_mean(trimmed, sign)
+    return _merged(base, jax.tree.map(lambda b, d: _f32(b) + scale * d, base, delta))
+
+
+def ties(base: PyTree, sources: Sequence[PyTree], *, keep=0.2, scale=0.3) -> PyTree:
+    """TIES-merging (Yadav et al. 2023): trim each task vector to its `keep` fraction of
+    largest magnitudes, elect each element's sign by total mass (sign of the sum of the
+    trimmed vectors; a zero sum elects nothing and the element stays at base), average
+    the entries that agree with it, then base + scale * that mean. FusionBench's
+    defaults: keep 20 %, scale 0.3."""
+    base, *sources = check_sources(sources, base)
+    return _ties(base, sources, scale, keep=float(keep))
+
+
+def dare_masks(key: jax.Array, tree: PyTree, rate) -> PyTree:
+    """DARE's keep masks for one task vector: each entry kept with probability 1 - rate,
+    leaf i drawing from fold_in(key, i)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    masks = [
+        jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, jnp.shape(x))
+        for i, x in enumerate(leaves)
+    ]
+    return treedef.unflatten(masks)
+
+
+def dare_drop(tau: PyTree, key: jax.Array, rate) -> PyTree:
+    """Drop entries with probability `rate` and rescale the rest by 1 / (1 - rate)."""
+    masks = dare_masks(key, tau, rate)
+    return jax.tree.map(lambda t, m: jnp.where(m, t / (1.0 - rate), 0.0), tau, masks)
+
+
+@jax.jit
+def _dare(base, sources, key, rate, scale):
+    taus = [
+        dare_drop(t, jax.random.fold_in(key, k), rate)
+        for k, t in enumerate(task_vectors(base, sources))
+    ]
+    return _merged(base, jax.tree.map(lambda b, *t: _f32(b) + scale * sum(t), base, *taus))
+
+
+def dare(
+    base: PyTree, sources: Sequence[PyTree], *, key: jax.Array, rate=0.5, scale=0.3
+) -> PyTree:
+    """DARE (Yu et al. 2024) then task arithmetic: source k's task vector is dropped and
+    rescaled with fold_in(key, k). FusionBench's defaults: rate 0.5, scale 0.3."""
+    base, *sources = check_sources(sources, base)
+    return _dare(base, sources, key, rate, scale)
+
+
+@jax.jit
+def _magmax(base, sources, scale):
+    def pick(b, *taus):
+        stacked = jnp.stack(taus)
+        index = jnp.argmax(jnp.abs(stacked), axis=0)  # the first on equal magnitudes
+        chosen = jnp.take_along_axis(stacked, index[None], axis=0)[0]
+        return _f32(b) + scale * chosen
+
+    return _merged(base, jax.tree.map(pick, base, *task_vectors(base, sources)))
+
+
+def magmax(base: PyTree, sources: Sequence[PyTree], *, scale=0.5) -> PyTree:
+    """MagMax (Marczak et al. 2024): per element the task vector entry of largest
+    magnitude, base + scale * it; scale 0.5 as in the authors' code."""
+    base, *sources = check_sources(sources, base)
+    return _magmax(base, sources, scale)
+
+
+@jax.jit
+def _fisher(sources, fishers, floor):
+    def weighted(*pairs):
+        k = len(pairs) // 2
+        weights = [jnp.maximum(_f32(f), floor) for f in pairs[k:]]
+        total = sum(w * _f32(x) for w, x in zip(weights, pairs[:k], strict=True))
+        return total / sum(weights)
+
+    return _merged(sources[0], jax.tree.map(weighted, *sources, *fishers))
+
+
+def fisher(sources: Sequence[PyTree], fishers: Sequence[PyTree], *, floor=1e-6) -> PyTree:
+    """Fisher merging (Matena & Raffel 2022): per element the mean of the sources weighted
+    by their diagonal Fishers, each floored at `floor` (FusionBench's 1e-6) so that an
+    element no source is sensitive to gets the plain mean. `fisher_diagonal` estimates
+    the Fishers."""
+    if len(fishers) != len(sources):
+        raise ValueError(f"{len(sources)} sources but {len(fishers)} Fisher trees")
+    sources, fishers = check_sources(sources), check_sources(fishers, label="fishers")
+    check_same_structure(("sources[0]", "fishers[0]"), sources[0], fishers[0])
+    return _fisher(sources, fishers, floor)

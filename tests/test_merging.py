@@ -1,0 +1,267 @@
+"""Weight-space merges against hand-written NumPy, under jit and without, and the
+streaming forms against the all-at-once ones."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grasp_jax import merging
+from grasp_jax.merging import kernels
+
+K = 3
+
+
+def random_tree(rng, dtype_of_bias=jnp.bfloat16):
+    """Mixed ranks (0-4) and dtypes (float32, bfloat16, float16)."""
+    return {
+        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)},
+        "dense": {
+            "kernel": jnp.asarray(rng.normal(size=(6, 7)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(7,)), dtype_of_bias),
+        },
+        "scale": jnp.asarray(rng.normal(), jnp.float16),
+        "block": [jnp.asarray(rng.normal(size=(2, 3, 2, 2, 2)), jnp.float32)],
+    }
+
+
+@pytest.fixture
+def trees():
+    rng = np.random.default_rng(0)
+    base = random_tree(rng)
+    sources = [random_tree(rng) for _ in range(K)]
+    return base, sources
+
+
+def np_leaves(tree):
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def assert_matches(merged, expected_leaves, like, atol=1e-5):
+    leaves = jax.tree.leaves(merged)
+    for got, want, ref in zip(leaves, expected_leaves, jax.tree.leaves(like), strict=True):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        tol = atol if ref.dtype == jnp.float32 else 2e-2 * (1 + np.abs(want).max())
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol)
+
+
+MODES = {
+    "jit": lambda f: f,
+    "nested_jit": lambda f: jax.jit(f),
+    "no_jit": lambda f: lambda *a: _no_jit(f, *a),
+}
+
+
+def _no_jit(f, *args):
+    with jax.disable_jit():
+        return f(*args)
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request):
+    return MODES[request.param]
+
+
+def test_soup_is_the_elementwise_mean(trees, mode):
+    _, sources = trees
+    expected = [np.mean(xs, axis=0) for xs in zip(*map(np_leaves, sources), strict=True)]
+    assert_matches(mode(lambda *s: merging.soup(s))(*sources), expected, sources[0])
+
+
+def test_task_arithmetic_adds_scaled_task_vectors(trees, mode):
+    base, sources = trees
+    b = np_leaves(base)
+    expected = [
+        bl + 0.4 * sum(s[i] - bl for s in map(np_leaves, sources)) for i, bl in enumerate(b)
+    ]
+    got = mode(lambda b, *s: merging.task_arithmetic(b, s, scale=0.4))(base, *sources)
+    assert_matches(got, expected, base)
+
+
+def np_ties(base, sources, keep, scale):
+    b = np_leaves(base)
+    sizes = [x.size for x in b]
+    flat_base = np.concatenate([x.ravel() for x in b])
+    taus = [np.concatenate([x.ravel() for x in np_leaves(s)]) - flat_base for s in sources]
+    # round like the float32 arithmetic does, so threshold ties break the same way
+    taus = [np.float32(t).astype(np.float64) for t in taus]
+    trimmed = []
+    for tau in taus:
+        kth = tau.size - int(keep * tau.size)
+        threshold = np.sort(np.abs(tau))[kth - 1] if kth else 0.0
+        trimmed.append(np.where(np.abs(tau) >= threshold, tau, 0.0))
+    sign = np.sign(sum(trimmed))
+    merged = np.zeros_like(flat_base)
+    for j in range(flat_base.size):
+        agreeing = [t[j] for t in trimmed if t[j] != 0 and np.sign(t[j]) == sign[j]]
+        merged[j] = np.mean(agreeing) if agreeing else 0.0
+    out = flat_base + scale * merged
+    return [c.reshape(x.shape) for c, x in zip(np.split(out, np.cumsum(sizes)[:-1]), b)]
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.5, 1.0])
+def test_ties_trims_elects_and_takes_the_disjoint_mean(trees, mode, keep):
+    base, sources = trees
+    expected = np_ties(base, sources, keep, 0.3)
+    got = mode(lambda b, *s: merging.ties(b, s, keep=keep))(base, *sources)
+    assert_matches(got, expected, base)
+
+
+def test_ties_keeps_the_top_fraction_of_each_task_vector():
+    base = {"w": jnp.zeros(10)}
+    source = {"w": jnp.arange(1.0, 11.0)}
+    merged = merging.ties(base, [source], keep=0.2, scale=1.0)
+    # the TIES authors' rule: magnitudes >= the (10 - int(0.2 * 10)) = 8th smallest
+    np.testing.assert_array_equal(merged["w"], [0] * 7 + [8, 9, 10])
+
+
+def test_dare_drops_with_the_rate_and_rescales(trees, mode):
+    base, sources = trees
+    key = jax.random.key(3)
+    rate = 0.4
+    b = np_leaves(base)
+    masks = [
+        np_leaves(kernels.dare_masks(jax.random.fold_in(key, k), base, rate))
+        for k in range(K)
+    ]
+    expected = [
+        bl
+        + 0.3
+        * sum(
+            np.where(masks[k][i], (np_leaves(s)[i] - bl) / (1 - rate), 0.0)
+            for k, s in enumerate(sources)
+        )
+        for i, bl in enumerate(b)
+    ]
+    got = mode(lambda b, *s: merging.dare(b, s, key=key, rate=rate))(base, *sources)
+    assert_matches(got, expected, base)
+
+
+def test_dare_masks_keep_the_expected_share_and_differ_by_key():
+    tree = {"w": jnp.zeros((200, 100))}
+    a = kernels.dare_masks(jax.random.key(0), tree, 0.9)["w"]
+    b = kernels.dare_masks(jax.random.key(1), tree, 0.9)["w"]
+    assert abs(float(a.mean()) - 0.1) < 0.01
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, kernels.dare_masks(jax.random.key(0), tree, 0.9)["w"])
+
+
+def test_magmax_takes_the_largest_magnitude_entry(trees, mode):
+    base, sources = trees
+    b = np_leaves(base)
+    expected = []
+    for i, bl in enumerate(b):
+        taus = np.stack([np_leaves(s)[i] - bl for s in sources])
+        index = np.abs(taus).argmax(axis=0)
+        expected.append(bl + 0.5 * np.take_along_axis(taus, index[None], 0)[0])
+    got = mode(lambda b, *s: merging.magmax(b, s))(base, *sources)
+    assert_matches(got, expected, base)
+
+
+def test_fisher_merge_weights_by_the_floored_fishers(trees, mode):
+    _, sources = trees
+    rng = np.random.default_rng(1)
+    fishers = [
+        jax.tree.map(lambda x: jnp.asarray(rng.exponential(size=jnp.shape(x)), x.dtype), s)
+        for s in sources
+    ]
+    fishers[0] = jax.tree.map(jnp.zeros_like, fishers[0])  # floored to 1e-6
+    expected = []
+    for i in range(len(np_leaves(sources[0]))):
+        w = [np.maximum(np_leaves(f)[i], 1e-6) for f in fishers]
+        x = [np_leaves(s)[i] for s in sources]
+        expected.append(sum(a * b for a, b in zip(w, x)) / sum(w))
+    got = mode(lambda s, f: merging.fisher(s, f))(sources, fishers)
+    assert_matches(got, expected, sources[0], atol=1e-4)
+
+
+def test_fisher_diagonal_is_the_mean_squared_per_example_gradient():
+    rng = np.random.default_rng(2)
+    params = {"w": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    y = rng.normal(size=(10,)).astype(np.float32)
+
+    def example_loss(p, example):  # squared error: gradient 2 (w.x - y) x
+        return (jnp.dot(p["w"], example["x"]) - example["y"]) ** 2
+
+    batches = [{"x": x[:6], "y": y[:6]}, {"x": x[6:], "y": y[6:]}]
+    got = merging.fisher_diagonal(example_loss, params, batches)["w"]
+    w = np.asarray(params["w"], np.float64)
+    grads = 2 * (x @ w - y)[:, None] * x
+    np.testing.assert_allclose(got, np.mean(grads**2, axis=0), rtol=1e-4)
+
+
+def loaders_of(trees):
+    return [lambda t=t: t for t in trees]
+
+
+@pytest.mark.parametrize(
+    "merger, all_at_once",
+    [
+        (merging.Soup(), lambda b, s: merging.soup(s)),
+        (
+            merging.TaskArithmetic(scale=0.7),
+            lambda b, s: merging.task_arithmetic(b, s, scale=0.7),
+        ),
+        (merging.Ties(keep=0.3), lambda b, s: merging.ties(b, s, keep=0.3)),
+        (
+            merging.Dare(key=jax.random.key(5), rate=0.3),
+            lambda b, s: merging.dare(b, s, key=jax.random.key(5), rate=0.3),
+        ),
+        (merging.MagMax(), lambda b, s: merging.magmax(b, s)),
+    ],
+    ids=["soup", "task_arithmetic", "ties", "dare", "magmax"],
+)
+def test_streaming_equals_all_at_once(trees, merger, all_at_once):
+    base, sources = trees
+    streamed = merging.merge_streaming(merger, base, loaders_of(sources))
+    expected = all_at_once(base, sources)
+    for got, want in zip(jax.tree.leaves(streamed), jax.tree.leaves(expected), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_streaming_fisher_equals_all_at_once(trees):
+    _, sources = trees
+    fishers = [jax.tree.map(lambda x: jnp.abs(x) + 0.1, s) for s in sources]
+    streamed = merging.merge_streaming(
+        merging.Fisher(), sources[0], loaders_of(list(zip(sources, fishers)))
+    )
+    expected = merging.fisher(sources, fishers)
+    for got, want in zip(jax.tree.leaves(streamed), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_streaming_restores_each_source_once_per_pass(trees):
+    base, sources = trees
+    calls = []
+
+    def loader(k):
+        def load():
+            calls.append(k)
+            return sources[k]
+
+        return load
+
+    merging.merge_streaming(merging.Ties(), base, [loader(k) for k in range(K)])
+    assert calls == [0, 1, 2, 0, 1, 2]
+    calls.clear()
+    merging.merge_streaming(merging.TaskArithmetic(), base, [loader(k) for k in range(K)])
+    assert calls == [0, 1, 2]
+
+
+def test_mismatched_trees_name_the_leaf(trees):
+    base, sources = trees
+    bad = dict(sources[1], dense={"kernel": jnp.zeros((6, 8)), "bias": jnp.zeros(7)})
+    with pytest.raises(ValueError, match="dense/kernel.*sources\\[1\\]"):
+        merging.task_arithmetic(base, [sources[0], bad])
+    with pytest.raises(ValueError, match="dense/kernel"):
+        merging.merge_streaming(merging.Soup(), base, loaders_of([sources[0], bad]))
+    with pytest.raises(ValueError, match="at least one"):
+        merging.soup([])
+    with pytest.raises(ValueError, match="dtype int32"):
+        merging.soup([{"w": jnp.zeros(3, jnp.int32)}])
