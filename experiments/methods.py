@@ -6,10 +6,13 @@ run-folder suffix and its FLOPs. Adding a method is adding one entry to `REGISTR
 
 grasp: the sequential driver. grasp_random: the same, but each merge moves as many units
 as GRASP's rule would, chosen at random (what alignment adds beyond moving that much).
-ensemble: mean logits of all sources (no training; sources are streamed, one in memory
-at a time). finetune: the first source fine-tuned on the target for GRASP's total
-epochs, no merging. target_only: trained from scratch on the target with the source
-recipe.
+ensemble_soft (alias ensemble), ensemble_prob, ensemble_vote: output-space ensembles
+(`ensembles`). fusion: the K sources fine-tuned jointly through their mean logits
+(`fusion`). pearl: adapters per source and learned composition weights (`pearl`).
+soup, task_arithmetic, ties, dare, magmax, fisher: weight-space merges, then GRASP's
+fine-tuning budget (`weight_merges`). finetune: the first source fine-tuned on the
+target for GRASP's total epochs, no merging. target_only: trained from scratch on the
+target with the source recipe. `--config.methods=all` runs every one but the alias.
 """
 
 from __future__ import annotations
@@ -24,86 +27,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments import settings
+from experiments import ensembles, fusion, pearl, settings, weight_merges
 from experiments import sources as src
-from grasp_jax import evaluation, grasp, interop, loop, seeding
+from experiments.context import Context, MethodResult, StepCosts, training_flops
+from grasp_jax import grasp, interop, seeding
 from grasp_jax import input_pipeline as ip
-
-
-@dataclasses.dataclass
-class Context:
-    """What every method of one (target, trial) needs."""
-
-    config: Any
-    workdir: Path
-    target: str
-    source_bins: list[str]
-    splits: dict
-    seed: int
-    progress: bool = True
-    # Set by the runner for each run: where its files go, and a memory sample by name.
-    out_dir: Path | None = None
-    mark: Callable[[str], None] = lambda name: None
-
-    @functools.cached_property
-    def model_and_abstract(self):
-        return src.model_and_abstract(self.config)
-
-    @property
-    def model(self):
-        return self.model_and_abstract[0]
-
-    @property
-    def pipeline(self) -> ip.PipelineConfig:
-        return settings.pipeline(self.config)
-
-    def restore(self, bin_name: str) -> dict:
-        """The trained source model of `bin_name`."""
-        return src.restore_source(
-            self.config, self.workdir, bin_name, self.model_and_abstract[1]
-        )
-
-    def predict(self, variables) -> tuple[dict, dict]:
-        """Predictions of `variables` on the target's validation and test splits."""
-        return tuple(
-            evaluation.predict(self.model, variables, self.splits[s], self.pipeline)
-            for s in ("validation", "test")
-        )
-
-    def fit(self, variables, recipe, description: str) -> loop.FitResult:
-        """`loop.fit` on the target's train split, selecting on its validation split."""
-        return loop.fit(
-            self.model,
-            variables,
-            self.splits["train"],
-            self.splits["validation"],
-            config=recipe,
-            pipeline=self.pipeline,
-            seed=self.seed,
-            progress=self.progress,
-            description=description,
-        )
-
-
-@dataclasses.dataclass
-class MethodResult:
-    val: dict  # predictions on validation: accuracy, logits, labels
-    test: dict
-    history: list[dict]
-    train_epochs: int
-    extra: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepCosts:
-    """XLA's FLOPs of the compiled steps, measured once per experiment."""
-
-    train_step: float
-    eval_step: float
-    batch_size: int
-    params: int
-    merge: float
-
 
 TRANSFER_KEYS = (
     "source",
@@ -179,29 +107,6 @@ def save_final(ctx: Context, variables) -> Path:
     return path
 
 
-def run_ensemble(ctx: Context) -> MethodResult:
-    """Soft ensemble: the mean of the sources' logits, accumulated one source at a time."""
-    sums: dict[str, np.ndarray] = {}
-    labels: dict[str, np.ndarray] = {}
-    for name in ctx.source_bins:
-        val, test = ctx.predict(ctx.restore(name))
-        for split, out in (("val", val), ("test", test)):
-            sums[split] = sums.get(split, 0) + out["logits"]
-            labels[split] = out["labels"]
-    ctx.mark("source_models_loaded")  # streamed: one source in memory at a time
-    out = {}
-    for split in ("val", "test"):
-        logits = sums[split] / len(ctx.source_bins)
-        out[split] = {
-            "logits": logits,
-            "labels": labels[split],
-            "accuracy": float(np.mean(logits.argmax(1) == labels[split])),
-        }
-    ctx.mark("ensemble_created")
-    extra = {"voting": "soft (mean logits)", "num_source_models": len(ctx.source_bins)}
-    return MethodResult(out["val"], out["test"], [], 0, extra)
-
-
 def run_finetune(ctx: Context) -> MethodResult:
     cfg = settings.grasp(ctx.config)
     epochs = cfg.initial_epochs + cfg.finetune_epochs * (len(ctx.source_bins) - 1)
@@ -217,44 +122,6 @@ def run_target_only(ctx: Context) -> MethodResult:
     fit = ctx.fit(src.fresh_variables(ctx.config, init_seed), recipe, "target_only")
     val, test = ctx.predict(fit.variables)
     return MethodResult(val, test, fit.history, recipe.epochs)
-
-
-def training_flops(
-    ctx: Context,
-    result: MethodResult,
-    costs: StepCosts,
-    *,
-    label: str,
-    models_evaluated: int = 1,
-    phases: Callable[[float], tuple[float, dict]] | None = None,
-) -> dict:
-    """Totals from XLA's per-step FLOPs and the steps each phase ran. `phases(training)`
-    returns FLOPs spent beside the training epochs and the method's own report keys."""
-    batch_size = ctx.pipeline.batch_size
-    steps = ip.steps_per_epoch(ctx.splits["train"], batch_size)
-    eval_batches = -(-len(ctx.splits["validation"]) // batch_size)
-    test_batches = -(-len(ctx.splits["test"]) // batch_size)
-    training = result.train_epochs * steps * costs.train_step
-    evaluation_flops = (
-        result.train_epochs * eval_batches
-        + models_evaluated * (eval_batches + test_batches)
-    ) * costs.eval_step
-    out = {
-        "method": label,
-        "source": "XLA cost analysis of the compiled steps",
-        "model_params_millions": costs.params / 1e6,
-        "inference_gflops": costs.eval_step / costs.batch_size / 1e9,
-        "train_step_gflops": costs.train_step / 1e9,
-        "training_gflops": training / 1e9,
-        "evaluation_gflops": evaluation_flops / 1e9,
-        "n_sources": len(ctx.source_bins),
-    }
-    if phases is not None:
-        extra, keys = phases(training)
-        out |= keys
-        training += extra
-    out["total_gflops"] = (training + evaluation_flops) / 1e9
-    return out
 
 
 def grasp_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
@@ -282,32 +149,6 @@ def grasp_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
     out["breakdown"] = {  # the reference's, as percent of the total
         f"{part}_percent": 100 * out[key] / out["total_gflops"]
         for part, key in zip(parts, keys, strict=True)
-    }
-    return out
-
-
-def ensemble_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
-    """Every source's inference on validation and test plus averaging their logits
-    (soft voting on logits: no softmax), with the reference's ensemble keys."""
-    sources = len(ctx.source_bins)
-    out = training_flops(ctx, result, costs, label="ensemble", models_evaluated=sources)
-    per_image = costs.eval_step / costs.batch_size
-    n_val, n_test = len(ctx.splits["validation"]), len(ctx.splits["test"])
-    combination = sources * ctx.config.num_classes * (n_val + n_test)
-    out["total_gflops"] += combination / 1e9
-    out |= {
-        "voting": "soft (mean logits)",
-        "single_model_inference_gflops": per_image / 1e9,
-        "val_inference_gflops": sources * per_image * n_val / 1e9,
-        "test_inference_gflops": sources * per_image * n_test / 1e9,
-        "combination_gflops": combination / 1e9,
-        "softmax_gflops": 0.0,
-        "n_val_samples": n_val,
-        "n_test_samples": n_test,
-    }
-    out["breakdown"] = {
-        f"{key}_percent": 100 * out[f"{key}_gflops"] / out["total_gflops"]
-        for key in ("val_inference", "test_inference", "combination")
     }
     return out
 
@@ -347,6 +188,26 @@ def grasp_folder_suffix(config) -> str:
     return suffix
 
 
+def _section(name: str) -> Callable[[Any], dict]:
+    return lambda config: config[name].to_dict()
+
+
+def _ensemble(voting: str) -> dict:
+    return {
+        "run": functools.partial(ensembles.run_ensemble, voting=voting),
+        "hyperparameters": lambda config: {"voting": voting},
+        "flops": functools.partial(ensembles.ensemble_flops, voting=voting),
+    }
+
+
+def _weight_merge(name: str) -> Method:
+    return Method(
+        name,
+        functools.partial(weight_merges.run_weight_merge, name=name),
+        functools.partial(weight_merges.hyperparameters, name=name),
+    )
+
+
 REGISTRY: dict[str, Method] = {
     m.name: m
     for m in (
@@ -366,17 +227,45 @@ REGISTRY: dict[str, Method] = {
             flops=grasp_flops,
             reference_hyperparameters=_grasp_reference_keys,
         ),
+        Method("ensemble", **_ensemble("soft")),  # the alias of ensemble_soft
+        Method("ensemble_soft", **_ensemble("soft")),
+        Method("ensemble_prob", **_ensemble("prob")),
+        Method("ensemble_vote", **_ensemble("vote")),
         Method(
-            "ensemble",
-            run_ensemble,
-            lambda config: {},
-            flops=ensemble_flops,
+            "fusion",
+            fusion.run_fusion,
+            _section("fusion"),
+            flops=fusion.fusion_flops,
+            reference_hyperparameters=lambda config: {
+                "finetune_epochs": config.fusion.epochs,
+                "learning_rate": config.fusion.learning_rate,
+                "weight_decay": config.fusion.weight_decay,
+            },
         ),
+        Method(
+            "pearl",
+            pearl.run_pearl,
+            _section("pearl"),
+            flops=pearl.pearl_flops,
+            reference_hyperparameters=lambda config: {
+                "finetune_epochs": config.pearl.adapter_epochs,
+                "composition_epochs": config.pearl.composition_epochs,
+                "adapter_dim": config.pearl.rank,
+                "learning_rate": config.pearl.learning_rate,
+            },
+        ),
+        *(_weight_merge(name) for name in weight_merges.MERGERS),
         Method("finetune", run_finetune, _grasp_settings),
-        Method(
-            "target_only",
-            run_target_only,
-            lambda config: config.source_training.to_dict(),
-        ),
+        Method("target_only", run_target_only, _section("source_training")),
     )
 }
+# Names that run another entry's method under the name earlier results used.
+ALIASES = {"ensemble": "ensemble_soft"}
+
+
+def selected(config) -> list[str]:
+    """The methods `config.methods` asks for, "all" expanded (aliases left out)."""
+    names = settings.requested_methods(config)
+    if "all" in names:
+        return [name for name in REGISTRY if name not in ALIASES]
+    return names

@@ -40,10 +40,10 @@ def run_record(
         "method": method.name,
         "seed": ctx.seed,
         "val_metrics": metrics.classification_metrics(
-            result.val["logits"], result.val["labels"]
+            result.val["logits"], result.val["labels"], result.val.get("predictions")
         ),
         "test_metrics": metrics.classification_metrics(
-            result.test["logits"], result.test["labels"]
+            result.test["logits"], result.test["labels"], result.test.get("predictions")
         ),
         "total_time_seconds": seconds,
         "total_time_minutes": seconds / 60,
@@ -247,8 +247,9 @@ def mean_with_interval(differences: list[float]) -> dict:
 
 
 def summarize(results: list[dict], baseline: str = "grasp") -> dict:
-    """Per method: test accuracy mean/std (population std, as the reference) over all
-    targets and trials, the run count, the same per target, and the paired difference
+    """Per method, ranked by mean test accuracy (best first, `rank` 1): test accuracy
+    mean/std (population std, as the reference) over all targets and trials, the run
+    count, the same per target, and the paired difference
     to `baseline` (method minus baseline, in points, over the (target, trial) pairs both
     ran: they share a seed)."""
     summary: dict = {"methods": {}}
@@ -282,6 +283,8 @@ def summarize(results: list[dict], baseline: str = "grasp") -> dict:
             summary["methods"][method][f"paired_difference_to_{baseline}"] = (
                 mean_with_interval(pairs)
             )
+    ranked = sorted(summary["methods"].items(), key=lambda kv: -kv[1]["test_accuracy_mean"])
+    summary["methods"] = {name: dict(m, rank=i + 1) for i, (name, m) in enumerate(ranked)}
     return summary
 
 
@@ -303,8 +306,8 @@ def summary_markdown(summary: dict, title: str) -> str:
         "paired difference to GRASP in points over (target, trial) pairs with the same "
         "seed, mean [95 % Student t interval].",
         "",
-        "| method | all targets | Δ grasp | " + " | ".join(targets) + " |",
-        "|---|---|---|" + "---|" * len(targets),
+        "| rank | method | all targets | Δ grasp | " + " | ".join(targets) + " |",
+        "|---|---|---|---|" + "---|" * len(targets),
     ]
     for name, m in methods.items():
         cells = [
@@ -320,7 +323,7 @@ def summary_markdown(summary: dict, title: str) -> str:
                 if pt
                 else "-"
             )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m['rank']} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -330,8 +333,9 @@ def summary_bar_chart(summary: dict, path: Path, title: str) -> None:
     names = list(summary["methods"])
     means = [summary["methods"][n]["test_accuracy_mean"] for n in names]
     stds = [summary["methods"][n]["test_accuracy_std"] for n in names]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(3 + 2.2 * len(names), 3.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.1 * len(names), 4.2))
     left.bar(names, means, yerr=stds, capsize=4, color="tab:blue")
+    left.tick_params(axis="x", labelrotation=45)
     left.set_ylim(0, 1)
     left.set_ylabel("test accuracy (± std)")
     diffs = {
@@ -350,7 +354,7 @@ def summary_bar_chart(summary: dict, path: Path, title: str) -> None:
             color="tab:red",
         )
     right.axhline(0, color="grey", lw=0.8)
-    right.set_xticks(range(len(diffs)), list(diffs))
+    right.set_xticks(range(len(diffs)), list(diffs), rotation=45)
     right.set_xlim(-0.6, max(len(diffs), 1) - 0.4)
     right.set_ylabel("minus GRASP, points (95 % CI)")
     fig.suptitle(title)

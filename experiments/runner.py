@@ -55,7 +55,7 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
     title = f"{config.dataset} / {config.model}"
     results_dir = workdir / "results" / config.dataset
     report.write_summary(results_dir, summary, title)
-    for name in config.methods:  # the reference's multi-trial text files
+    for name in methods.selected(config):  # the reference's multi-trial text files
         method = methods.REGISTRY[name]
         file_name = reference_format.summary_file_name(
             name, method.folder_suffix(config), config.model, config.dataset
@@ -92,7 +92,7 @@ def run_methods(config, workdir: Path, *, progress: bool = True) -> list[dict]:
             # One seed per (target, trial), shared by every method: paired runs.
             seed = settings.config_seed(config, "run", t_index, trial)
             ctx = methods.Context(config, workdir, target, bins, splits, seed, progress)
-            for name in config.methods:
+            for name in methods.selected(config):
                 method = methods.REGISTRY[name]
                 out_dir = results_dir / run_name(config, target, name, trial)
                 if (out_dir / "metrics.json").exists():

@@ -3,15 +3,26 @@ before any work starts: an unknown name is one ConfigError that lists the valid 
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from data.build import BUILDERS
+from experiments.baseline_settings import FusionConfig, PearlConfig
 from grasp_jax import interop, models, seeding
 from grasp_jax.grasp import GraspConfig
 from grasp_jax.input_pipeline import PipelineConfig
 from grasp_jax.recipe import TrainConfig
 
 SOURCE_CHOICES = ("all", "past")
+# Ranges the merge hyperparameters must lie in (DARE's rate < 1: it divides by 1 - rate).
+MERGING_BOUNDS = {
+    "task_arithmetic": {"scale": (0.0, 10.0)},
+    "ties": {"keep": (0.0, 1.0), "scale": (0.0, 10.0)},
+    "dare": {"rate": (0.0, 0.999), "scale": (0.0, 10.0)},
+    "magmax": {"scale": (0.0, 10.0)},
+    "fisher": {"floor": (0.0, 1.0)},
+}
 
 
 class ConfigError(ValueError):
@@ -33,6 +44,33 @@ def grasp(config: ml_collections.ConfigDict) -> GraspConfig:
     return GraspConfig(**config.grasp.to_dict())
 
 
+def requested_methods(config: ml_collections.ConfigDict) -> list[str]:
+    """`config.methods` as names: a tuple, or one string of names separated by `,` or
+    `+` (`--config.methods=grasp,fusion` on the command line)."""
+    items = [config.methods] if isinstance(config.methods, str) else config.methods
+    return [n.strip() for item in items for n in re.split("[,+]", item) if n.strip()]
+
+
+def merging_settings(config: ml_collections.ConfigDict) -> dict:
+    """`config.merging` checked: the fine-tuning epochs and each merger's settings."""
+    section = config.merging
+    if section.finetune_epochs < -1:
+        raise ValueError(
+            f"merging.finetune_epochs={section.finetune_epochs}; use -1 (GRASP's "
+            "budget), 0 (no fine-tuning) or a number of epochs"
+        )
+    for name, bounds in MERGING_BOUNDS.items():
+        for key, (low, high) in bounds.items():
+            value = section[name][key]
+            if not low <= value <= high:
+                raise ValueError(
+                    f"merging.{name}.{key}={value}; use a value in [{low}, {high}]"
+                )
+    if section.fisher.examples < 1:
+        raise ValueError(f"merging.fisher.examples={section.fisher.examples}; use >= 1")
+    return section.to_dict()
+
+
 def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
     """Validates the whole config; returns the targets. `method_names`: the registry's."""
     try:
@@ -41,6 +79,9 @@ def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
             lambda: recipe(config.source_training),
             lambda: recipe(config.pretrain),
             lambda: grasp(config),
+            lambda: FusionConfig(**config.fusion.to_dict()),
+            lambda: PearlConfig(**config.pearl.to_dict()),
+            lambda: merging_settings(config),
         ):
             read()
     except (TypeError, ValueError) as err:
@@ -61,10 +102,10 @@ def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
     if config.save_final:
         _check_save_final(config)
     if method_names is not None:
-        unknown = sorted(set(config.methods) - set(method_names))
+        unknown = sorted(set(requested_methods(config)) - {"all", *method_names})
         if unknown:
             raise ConfigError(
-                f"unknown method(s) {unknown}; choose from {list(method_names)}"
+                f"unknown method(s) {unknown}; choose from {list(method_names)} or all"
             )
     if config.sources not in SOURCE_CHOICES:
         raise ConfigError(

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from grasp_jax import evaluation, recipe, train
@@ -55,8 +56,12 @@ def fit(
     writer: Any = None,
     progress: bool = True,
     description: str = "train",
+    optimizer: optax.GradientTransformation | None = None,
 ) -> FitResult:
     """Trains from `variables` for `config.epochs`; returns the best-validation variables.
+
+    `optimizer` replaces the recipe's (which still sets the epochs, the augmentation and
+    the logged learning rate); build it once and reuse it, as it keys the compiled step.
 
     With `workdir`, the state is checkpointed after every epoch and a rerun resumes from
     the last finished epoch (same seed: the same result as an uninterrupted run).
@@ -69,7 +74,7 @@ def fit(
             f"{pipeline.batch_size}; lower the batch size."
         )
     schedule = recipe.make_schedule(config, steps)
-    tx = recipe.make_optimizer(config, steps)
+    tx = optimizer or recipe.make_optimizer(config, steps)
     replicated, batch_sharding = ip.data_parallel()
     # The state is donated step after step: copy, so the caller's variables survive.
     own = jax.tree.map(lambda x: jnp.array(x, copy=True), variables)

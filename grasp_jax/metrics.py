@@ -44,12 +44,17 @@ def _auroc(labels: np.ndarray, probs: np.ndarray, average: str) -> float | None:
     return None
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+def classification_metrics(
+    logits: np.ndarray, labels: np.ndarray, predictions: np.ndarray | None = None
+) -> dict:
     """accuracy, precision, recall, f1_score (weighted, as the reference), their macro
-    versions, auroc/auroc_macro and the confusion matrix over all classes."""
+    versions, auroc/auroc_macro and the confusion matrix over all classes. The class
+    scores are softmax(logits); `predictions` (default: their argmax) are the predicted
+    classes where a method does not predict by its scores (a majority vote)."""
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
     num_classes = logits.shape[1]
-    predictions = logits.argmax(axis=1)
+    if predictions is None:
+        predictions = logits.argmax(axis=1)
     probs = softmax(logits)
     out: dict = {"accuracy": float(np.mean(predictions == labels)), "n": len(labels)}
     for average, suffix in (("weighted", ""), ("macro", "_macro")):

@@ -15,7 +15,7 @@ import optax
 from grasp_jax.tree_checks import PyTree, path_str
 
 HEAD_KEYS = ("head", "classifier", "fc")  # the reference's head-parameter name markers
-SCHEDULES = ("warmup_cosine", "cosine_per_epoch")
+SCHEDULES = ("warmup_cosine", "cosine_per_epoch", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_fraction: float = 2 / 15  # warmup_epochs / max_epochs
     grad_clip_norm: float | None = 1.0
-    schedule: str = "warmup_cosine"  # per step; "cosine_per_epoch" is GRASP's stage recipe
+    # per step; "cosine_per_epoch" is GRASP's stage recipe; "constant" PEARL's composition
+    schedule: str = "warmup_cosine"
     augment: bool = True
 
     def __post_init__(self):
@@ -62,6 +63,8 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
         return warmup_cosine(
             config.learning_rate, total, int(total * config.warmup_fraction)
         )
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
     return cosine_per_epoch(config.learning_rate, config.epochs, steps_per_epoch)
 
 

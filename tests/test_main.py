@@ -249,15 +249,18 @@ def test_summary_statistics_on_synthetic_records():
         "# t\n\nTest accuracy in %, mean ± population std over trials (n runs); Δ grasp: "
         "the paired difference to GRASP in points over (target, trial) pairs with the "
         "same seed, mean [95 % Student t interval].\n\n"
-        "| method | all targets | Δ grasp | a | b | c | d |\n"
-        "|---|---|---|---|---|---|---|\n"
-        "| grasp | 75.0 ± 10.0 (5) | - | 75.0 ± 5.0 | 75.0 ± 15.0 | 75.0 ± 0.0 | - |\n"
-        "| other | 73.3 ± 14.0 (6) | +3.0 [-4.1, +10.1] | 77.5 ± 7.5 | 82.5 ± 12.5 | "
+        "| rank | method | all targets | Δ grasp | a | b | c | d |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| 1 | grasp | 75.0 ± 10.0 (5) | - | 75.0 ± 5.0 | 75.0 ± 15.0 | 75.0 ± 0.0 | - |\n"
+        "| 2 | other | 73.3 ± 14.0 (6) | +3.0 [-4.1, +10.1] | 77.5 ± 7.5 | 82.5 ± 12.5 | "
         "70.0 ± 0.0 | 50.0 ± 0.0 |\n"
     )
-    assert "| other | 85.0 ± 0.0 (1) | +5.0 | 85.0 ± 0.0 |" in report.summary_markdown(
+    # ranked by mean accuracy: other (85) above grasp (80)
+    assert "| 1 | other | 85.0 ± 0.0 (1) | +5.0 | 85.0 ± 0.0 |" in report.summary_markdown(
         single, "t"
     )
+    assert [m["rank"] for m in single["methods"].values()] == [1, 2]
+    assert list(single["methods"]) == ["other", "grasp"]
 
 
 def test_paired_interval_needs_two_pairs():
@@ -332,7 +335,12 @@ def test_runs_are_not_reused_when_seed_pipeline_or_sources_changed(
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("methods", ("grasp", "fusion"), r"unknown method\(s\) \['fusion'\]; choose from"),
+        ("methods", ("grasp", "fuse"), r"unknown method\(s\) \['fuse'\]; choose from"),
+        (
+            "methods",
+            ("grasp,ties+nope",),
+            r"unknown method\(s\) \['nope'\];.*'magmax'.* or all",
+        ),
         ("targets", ("d9",), r"unknown target\(s\) \['d9'\]; the bins are"),
         ("sources", "future", r"use one of \['all', 'past'\]"),
         ("model", "vit", r"config.model='vit'; choose one of \["),
@@ -343,6 +351,36 @@ def test_bad_experiment_keys_list_the_valid_ones(key, value, message):
     setattr(config, key, value)
     with pytest.raises(settings.ConfigError, match=message):
         settings.check(config, methods.REGISTRY)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("merging.dare.rate", 1.0, r"merging.dare.rate=1.0; use a value in \[0.0, 0.999\]"),
+        ("merging.ties.keep", 1.5, r"merging.ties.keep=1.5"),
+        ("merging.finetune_epochs", -2, r"use -1 \(GRASP's budget\)"),
+        ("merging.fisher.examples", 0, r"merging.fisher.examples=0"),
+        ("fusion.epochs", 0, r"fusion.epochs=0; train at least one epoch"),
+        ("pearl.rank", 0, r"pearl.rank=0"),
+        ("pearl.composition_learning_rate", 0.0, r"pearl.composition_learning_rate=0.0"),
+    ],
+)
+def test_bad_baseline_settings_name_the_key(key, value, message):
+    config = get_config()
+    section, *inner, leaf = key.split(".")
+    node = config[section]
+    for name in inner:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(settings.ConfigError, match=message):
+        settings.check(config, methods.REGISTRY)
+
+
+def test_methods_all_is_every_method_but_the_alias():
+    config = get_config("methods=all")
+    names = methods.selected(config)
+    assert set(names) == set(methods.REGISTRY) - {"ensemble"}
+    assert methods.selected(get_config("methods=grasp+fusion")) == ["grasp", "fusion"]
 
 
 def test_unknown_config_key_is_rejected_on_the_command_line():

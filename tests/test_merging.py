@@ -96,7 +96,10 @@ def np_ties(base, sources, keep, scale):
         agreeing = [t[j] for t in trimmed if t[j] != 0 and np.sign(t[j]) == sign[j]]
         merged[j] = np.mean(agreeing) if agreeing else 0.0
     out = flat_base + scale * merged
-    return [c.reshape(x.shape) for c, x in zip(np.split(out, np.cumsum(sizes)[:-1]), b)]
+    return [
+        c.reshape(x.shape)
+        for c, x in zip(np.split(out, np.cumsum(sizes)[:-1]), b, strict=True)
+    ]
 
 
 @pytest.mark.parametrize("keep", [0.2, 0.5, 1.0])
@@ -170,7 +173,7 @@ def test_fisher_merge_weights_by_the_floored_fishers(trees, mode):
     for i in range(len(np_leaves(sources[0]))):
         w = [np.maximum(np_leaves(f)[i], 1e-6) for f in fishers]
         x = [np_leaves(s)[i] for s in sources]
-        expected.append(sum(a * b for a, b in zip(w, x)) / sum(w))
+        expected.append(sum(a * b for a, b in zip(w, x, strict=True)) / sum(w))
     got = mode(lambda s, f: merging.fisher(s, f))(sources, fishers)
     assert_matches(got, expected, sources[0], atol=1e-4)
 
@@ -227,7 +230,7 @@ def test_streaming_fisher_equals_all_at_once(trees):
     _, sources = trees
     fishers = [jax.tree.map(lambda x: jnp.abs(x) + 0.1, s) for s in sources]
     streamed = merging.merge_streaming(
-        merging.Fisher(), sources[0], loaders_of(list(zip(sources, fishers)))
+        merging.Fisher(), sources[0], loaders_of(list(zip(sources, fishers, strict=True)))
     )
     expected = merging.fisher(sources, fishers)
     for got, want in zip(jax.tree.leaves(streamed), jax.tree.leaves(expected), strict=True):
@@ -257,7 +260,7 @@ def test_streaming_restores_each_source_once_per_pass(trees):
 def test_mismatched_trees_name_the_leaf(trees):
     base, sources = trees
     bad = dict(sources[1], dense={"kernel": jnp.zeros((6, 8)), "bias": jnp.zeros(7)})
-    with pytest.raises(ValueError, match="dense/kernel.*sources\\[1\\]"):
+    with pytest.raises(ValueError, match=r"dense/kernel.*sources\[1\]"):
         merging.task_arithmetic(base, [sources[0], bad])
     with pytest.raises(ValueError, match="dense/kernel"):
         merging.merge_streaming(merging.Soup(), base, loaders_of([sources[0], bad]))

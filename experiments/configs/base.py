@@ -7,6 +7,8 @@ import dataclasses
 
 import ml_collections
 
+from experiments.baseline_settings import FusionConfig, PearlConfig
+from grasp_jax import merging
 from grasp_jax.grasp import GraspConfig
 from grasp_jax.input_pipeline import PipelineConfig
 from grasp_jax.recipe import TrainConfig
@@ -44,6 +46,25 @@ def base_config() -> ml_collections.ConfigDict:
     config.sources = "all"  # "all" other bins (the reference), or "past" bins only
     config.trials = 3
     config.grasp = _section(GraspConfig())
+    # The baselines (README, "Methods"): the reference's FUSION and PEARL recipes, and the
+    # weight-space merges with the literature's defaults (each merger's own).
+    config.fusion = _section(FusionConfig())
+    config.pearl = _section(PearlConfig())
+    config.merging = ml_collections.ConfigDict()
+    config.merging.finetune_epochs = -1  # -1: GRASP's budget, initial + finetune x (K-1)
+    for name, merger in (
+        ("task_arithmetic", merging.TaskArithmetic()),
+        ("ties", merging.Ties()),
+        ("dare", merging.Dare()),
+        ("magmax", merging.MagMax()),
+        ("fisher", merging.Fisher()),
+    ):
+        config.merging[name] = {
+            f.name: getattr(merger, f.name)
+            for f in dataclasses.fields(merger)
+            if f.name != "key"
+        }
+    config.merging.fisher.examples = 256  # target examples the Fisher is estimated on
     # Save GRASP's final model as the reference does (a PyTorch state dict, run folder's
     # checkpoints/); needs the torch extra and a model with a PyTorch layout.
     config.save_final = False

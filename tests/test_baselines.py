@@ -1,0 +1,299 @@
+"""The paper's baselines and the weight-space merges as runner methods: their kernels
+against hand computations, and every method end to end at CI size."""
+
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import ensembles, methods, pearl, runner, weight_merges
+from experiments import sources as src
+from grasp_jax import adapters, evaluation, logit_average, merging, models
+from tests import pinned_experiment
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_ensemble_votings_against_hand_computed_values():
+    # 3 sources, 2 examples, 3 classes
+    logits = [
+        np.array([[2.0, 1.0, 0.0], [0.0, 6.0, 0.0]]),
+        np.array([[0.0, 2.5, 0.0], [0.0, 0.0, 1.0]]),
+        np.array([[4.0, 0.0, 3.9], [1.0, 0.0, 0.0]]),
+    ]
+    sums = None
+    for x in logits:
+        sums = ensembles.accumulate(sums, x)
+    soft, soft_pred = ensembles.combine(sums, "soft")
+    np.testing.assert_allclose(soft, sum(logits) / 3)
+    np.testing.assert_array_equal(soft_pred, [0, 1])  # means (2, 1.17, 1.3), (.33, 2, .33)
+    probs = sum(softmax(x) for x in logits) / 3
+    prob, prob_pred = ensembles.combine(sums, "prob")
+    np.testing.assert_allclose(prob, np.log(probs + 1e-10))
+    np.testing.assert_array_equal(prob_pred, probs.argmax(1))
+    # votes: example 0 -> (0, 1, 0): class 0 wins 2-1; example 1 -> (1, 2, 0): a 1-1-1
+    # tie, broken by the mean probability (.26, .47, .26): class 1, not the first class
+    _, vote_pred = ensembles.combine(sums, "vote")
+    assert probs[1].argmax() == 1
+    np.testing.assert_array_equal(vote_pred, [0, 1])
+
+
+def test_vote_is_a_majority_even_against_the_mean_probability():
+    logits = [np.array([[0.0, 0.1]]), np.array([[0.0, 0.1]]), np.array([[9.0, 0.0]])]
+    sums = None
+    for x in logits:
+        sums = ensembles.accumulate(sums, x)
+    assert ensembles.combine(sums, "prob")[1][0] == 0  # source 3 dominates the mean
+    assert ensembles.combine(sums, "vote")[1][0] == 1  # but two sources vote class 1
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = models.create("small_cnn", num_classes=10)
+    members = [
+        models.init("small_cnn", 10, jax.random.key(k), (1, 32, 32, 3)) for k in range(3)
+    ]
+    images = jax.random.normal(jax.random.key(9), (4, 32, 32, 3))
+    return model, members, images
+
+
+def test_logit_average_is_the_mean_of_the_members(cnn):
+    model, members, images = cnn
+    stacked = logit_average.stack([lambda m=m: m for m in members])
+    for got, parts in zip(
+        jax.tree.leaves(stacked),
+        zip(*map(jax.tree.leaves, members), strict=True),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, np.stack(parts))
+    fused = logit_average.LogitAverage(model)
+    expected = np.mean([model.apply(m, images, train=False) for m in members], axis=0)
+    np.testing.assert_allclose(
+        fused.apply(stacked, images, train=False), expected, atol=1e-5
+    )
+    key = jax.random.key(4)
+    logits, updates = fused.apply(
+        stacked, images, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+    )
+    keys = jax.random.split(key, 3)
+    outs = [
+        model.apply(m, images, train=True, mutable=["batch_stats"], rngs={"dropout": k})
+        for m, k in zip(members, keys, strict=True)
+    ]
+    np.testing.assert_allclose(logits, np.mean([o[0] for o in outs], axis=0), atol=1e-5)
+    for i, (_, member_updates) in enumerate(outs):
+        for got, want in zip(
+            jax.tree.leaves(updates["batch_stats"]),
+            jax.tree.leaves(member_updates["batch_stats"]),
+            strict=True,
+        ):
+            np.testing.assert_allclose(got[i], want, atol=1e-5)
+
+
+class Toy(nn.Module):
+    """A strided convolution, a dense layer and a head: two adapter sites."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(32, (3, 3), strides=(2, 2), name="conv")(x)
+        x = nn.Dense(24, name="dense")(x.mean(axis=(1, 2)))
+        return nn.Dense(5, name="head")(x)
+
+
+def test_adapters_add_the_low_rank_path_at_the_layer_stride():
+    model = Toy()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    variables = model.init(jax.random.key(1), x)
+    sites = adapters.find_sites(model, variables, x.shape)
+    assert [(s.path, s.kind, s.features_in, s.features_out, s.stride) for s in sites] == [
+        ("conv", "conv", 16, 32, (2, 2)),
+        ("dense", "dense", 32, 24, (1, 1)),
+    ]  # head excluded by name
+    sets = [adapters.init_adapters(jax.random.key(k), sites, 4) for k in (2, 3)]
+    assert np.all(sets[0]["conv"]["B"] == 0)
+    assert np.std(sets[0]["dense"]["A"]) == pytest.approx(0.01, rel=0.3)
+    plain = model.apply(variables, x)
+    zero = adapters.apply_adapted(model, variables, x, sets, jnp.array([0.5, 0.5]))
+    np.testing.assert_allclose(zero, plain, atol=1e-6)  # B = 0: nothing changes
+    rng = np.random.default_rng(0)
+    for s in sets:
+        for site in s.values():
+            site["B"] = jnp.asarray(rng.normal(size=site["B"].shape), jnp.float32)
+    weights = np.array([0.3, 0.7])
+    got = adapters.apply_adapted(model, variables, x, sets, jnp.asarray(weights))
+    # by hand: conv output + x[:, ::2, ::2] A B, then the dense layer's + h A B
+    p = jax.tree.map(np.asarray, variables["params"])
+    conv = np.asarray(
+        nn.Conv(32, (3, 3), strides=(2, 2)).apply({"params": p["conv"]}, x), np.float64
+    )
+    xs = np.asarray(x, np.float64)[:, ::2, ::2, :]
+    conv += sum(
+        w * xs @ s["conv"]["A"] @ s["conv"]["B"] for w, s in zip(weights, sets, strict=True)
+    )
+    h = conv.mean(axis=(1, 2))
+    dense = h @ p["dense"]["kernel"] + p["dense"]["bias"]
+    dense += sum(
+        w * h @ s["dense"]["A"] @ s["dense"]["B"]
+        for w, s in zip(weights, sets, strict=True)
+    )
+    expected = dense @ p["head"]["kernel"] + p["head"]["bias"]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_blocked_adapters_get_no_gradient():
+    model = Toy()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    variables = model.init(jax.random.key(1), x)
+    sites = adapters.find_sites(model, variables, x.shape)
+    start = adapters.init_adapters(jax.random.key(2), sites, 4)
+
+    def loss(sets, block):
+        out = adapters.apply_adapted(
+            model, variables, x, sets, jnp.ones(1), block_gradient=block
+        )
+        return jnp.sum(out**2)
+
+    live = jax.grad(loss)([start], False)
+    blocked = jax.grad(loss)([start], True)
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(live))
+    assert all(np.abs(g).max() == 0 for g in jax.tree.leaves(blocked))
+
+
+def test_composition_weights_stay_on_the_simplex():
+    np.testing.assert_allclose(
+        pearl.onto_simplex(jnp.array([0.5, -0.2, 0.7])), [0.5 / 1.2, 0.0, 0.7 / 1.2]
+    )
+    np.testing.assert_allclose(pearl.onto_simplex(jnp.array([-1.0, -2.0])), [0.5, 0.5])
+    tx = pearl.composition_optimizer(0.5)
+    weights = jnp.array([0.25, 0.25, 0.5])
+    state = tx.init(weights)
+    updates, state = tx.update(jnp.array([1.0, -1.0, 0.0]), state, weights)
+    moved = optax.apply_updates(weights, updates)
+    # Adam's first step moves each weight by -lr * sign(grad): (-0.25, 0.75, 0.5)
+    np.testing.assert_allclose(moved, np.array([0.0, 0.75, 0.5]) / 1.25, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def experiment(digits_dir, tmp_path_factory):
+    """Every method on one target, one trial, one epoch per phase."""
+    workdir = tmp_path_factory.mktemp("all")
+    config = pinned_experiment.small_config(digits_dir, targets="d2", trials=1)
+    config.methods = ("all",)
+    config.merging.fisher.examples = 20
+    summary = runner.run_experiment(config, workdir, progress=False)
+    return config, workdir, summary
+
+
+def load(workdir, config, method):
+    run = workdir / "results/digits_drift" / runner.run_name(config, "d2", method, 1)
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_every_method_runs_and_the_summary_ranks_them(experiment):
+    config, workdir, summary = experiment
+    ranked = list(summary["methods"])
+    assert set(ranked) == set(methods.REGISTRY) - {"ensemble"}
+    means = [summary["methods"][m]["test_accuracy_mean"] for m in ranked]
+    assert means == sorted(means, reverse=True)
+    assert [summary["methods"][m]["rank"] for m in ranked] == list(range(1, 16))
+    table = (workdir / "results/digits_drift/summary.md").read_text()
+    assert all(f"| {i + 1} | {m} |" in table for i, m in enumerate(ranked))
+    for method in ranked:
+        assert load(workdir, config, method)["method"] == method
+
+
+def test_baselines_keep_the_reference_keys(experiment):
+    config, workdir, _ = experiment
+    fusion = load(workdir, config, "fusion")
+    assert fusion["num_source_models"] == 2
+    assert set(fusion["hyperparameters"]) >= {
+        "finetune_epochs", "learning_rate", "weight_decay", "batch_size"
+    }  # fmt: skip
+    assert set(fusion["flops"]) >= {
+        "method", "model_params_millions", "single_model_inference_gflops",
+        "fusion_gflops", "finetune_gflops", "val_inference_gflops",
+        "test_inference_gflops", "total_gflops", "n_sources", "finetune_epochs",
+        "n_train_samples", "n_val_samples", "n_test_samples", "breakdown",
+    }  # fmt: skip
+    assert sum(fusion["flops"]["breakdown"].values()) == pytest.approx(100)
+    assert list(fusion["memory_checkpoints"]) == [
+        "experiment_start", "data_loaded", "source_models_loaded",
+        "fusion_model_created", "finetuning_complete", "experiment_end",
+    ]  # fmt: skip
+    record = load(workdir, config, "pearl")
+    weights = record["composition_weights"]
+    assert len(weights) == 2 and sum(weights) == pytest.approx(1) and min(weights) >= 0
+    # small_cnn: conv1 (16 -> 32) and conv2 (32 -> 64), rank 16 (conv0 has 3 inputs)
+    assert record["adapter_params_per_source"] == 16 * (16 + 32) + 16 * (32 + 64)
+    assert set(record["hyperparameters"]) >= {
+        "finetune_epochs", "composition_epochs", "adapter_dim", "learning_rate",
+        "batch_size",
+    }  # fmt: skip
+    assert set(record["flops"]) >= {
+        "adapter_params_millions", "adapter_params_per_source", "inference_gflops",
+        "adapter_training_gflops", "adapter_training_gflops_total",
+        "composition_learning_gflops", "total_gflops", "n_sources", "lora_rank",
+        "n_adapted_layers", "breakdown",
+    }  # fmt: skip
+    assert list(record["memory_checkpoints"]) == [
+        "experiment_start", "data_loaded", "base_model_created", "adapters_trained",
+        "composition_learned", "experiment_end",
+    ]  # fmt: skip
+    for voting in ("soft", "prob", "vote"):
+        ensemble = load(workdir, config, f"ensemble_{voting}")
+        assert ensemble["voting"].startswith(voting)
+        assert ensemble["flops"]["voting"] == ensemble["voting"]
+    assert load(workdir, config, "ensemble_prob")["flops"]["softmax_gflops"] > 0
+
+
+def context(config, workdir, **changes):
+    changed = config.copy_and_resolve_references()
+    for key, value in changes.items():
+        section, leaf = key.split(".")
+        changed[section][leaf] = value
+    splits = src.load_splits(changed, workdir, "d2")
+    return methods.Context(changed, workdir, "d2", ["d0", "d1"], splits, 7, False)
+
+
+def test_faithful_pearl_is_the_first_source_zero_shot(experiment):
+    config, workdir, _ = experiment
+    ctx = context(config, workdir, **{"pearl.faithful": True})
+    result = pearl.run_pearl(ctx)
+    first = evaluation.predict(
+        ctx.model, ctx.restore("d0"), ctx.splits["test"], ctx.pipeline
+    )
+    np.testing.assert_allclose(result.test["logits"], first["logits"], atol=1e-5)
+    assert result.extra["composition_weights"] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("name", ["ties", "fisher"])
+def test_runner_merges_equal_the_all_at_once_kernels(experiment, name):
+    config, workdir, _ = experiment
+    ctx = context(config, workdir)
+    merged = weight_merges.merge_sources(ctx, name)
+    restored = [ctx.restore(b) for b in ("d0", "d1")]
+    params = [r["params"] for r in restored]
+    if name == "ties":
+        expected = merging.ties(ctx.base()["params"], params, keep=0.2, scale=0.3)
+    else:
+        fishers = [weight_merges.source_fisher(ctx, r, 20) for r in restored]
+        expected = merging.fisher(params, fishers)
+    for got, want in zip(
+        jax.tree.leaves(merged["params"]), jax.tree.leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, *stats in zip(
+        jax.tree.leaves(merged["batch_stats"]),
+        *(jax.tree.leaves(r["batch_stats"]) for r in restored),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, np.mean(stats, axis=0), rtol=1e-6)
