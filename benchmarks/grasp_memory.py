@@ -1,9 +1,12 @@
-"""Benchmark: GRASP's peak memory does not grow with the number of sources K.
+"""Benchmark: peak memory against the number of sources K, per method.
 
-For K = 2, 4, 8, a fresh process restores K source checkpoints from disk one at a time
-(each loader is called when its stage starts) and runs GRASP on digits_drift; a second
-process per K first holds all K models at once, as parameter fusion or an ensemble must.
-Peak memory is the process's VmHWM (peak resident set), so each run gets its own process.
+For each K a fresh process per mode: `grasp` restores K source checkpoints from disk one
+at a time (each loader is called when its stage starts) and runs GRASP on digits_drift;
+`hold_all` runs the same GRASP after first holding all K models at once; `fusion`
+trains the K models jointly through their mean logits for one epoch (the `fusion`
+method: K models, their gradients and AdamW state); `ties` merges the K sources with the
+streaming two-pass TIES (the weight-space merges' worst case). Peak memory is the
+process's VmHWM (peak resident set), so each run gets its own process.
 The model is a wide small_cnn (about 5.9M parameters, 24 MB per copy) so that one model
 stands out above the runtime's own footprint.
 
@@ -39,6 +42,34 @@ def child(mode: str, k: int, ckpt_dir: str, data_dir: str) -> None:
     def loader(i):
         return lambda: checkpoints.restore_variables(Path(ckpt_dir) / f"s{i}", abstract)
 
+    splits = tfds.data_source("digits_drift/d0", data_dir=data_dir)
+    pipeline = ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32)
+    if mode == "fusion":
+        from grasp_jax import logit_average, loop, recipe
+
+        stacked = logit_average.stack([loader(i) for i in range(k)])
+        train = recipe.TrainConfig(
+            epochs=1, head_lr_multiplier=1.0, grad_clip_norm=None, augment=False
+        )
+        loop.fit(
+            logit_average.LogitAverage(model),
+            stacked,
+            splits["train"],
+            splits["validation"],
+            config=train,
+            pipeline=pipeline,
+            progress=False,
+        )
+        print(json.dumps({"peak_mb": memory.peak_host_memory_bytes() / 2**20}))
+        return
+    if mode == "ties":
+        from grasp_jax import merging
+
+        base = loader(0)()["params"]
+        params = [lambda i=i: loader(i)()["params"] for i in range(k)]
+        jax.block_until_ready(merging.merge_streaming(merging.Ties(), base, params))
+        print(json.dumps({"peak_mb": memory.peak_host_memory_bytes() / 2**20}))
+        return
     if mode == "hold_all":  # every source in memory at once, as fusion would need
         held = [loader(i)() for i in range(k)]
         first = held[0]
@@ -46,13 +77,12 @@ def child(mode: str, k: int, ckpt_dir: str, data_dir: str) -> None:
     else:  # GRASP: each source restored when its stage starts
         first = loader(0)()
         sources = [(f"s{i}", loader(i)) for i in range(1, k)]
-    splits = tfds.data_source("digits_drift/d0", data_dir=data_dir)
     config = grasp.GraspConfig(initial_epochs=1, finetune_epochs=1, augment=False)
     steps = grasp.default_steps(
         model,
         splits,
         config=config,
-        pipeline=ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32),
+        pipeline=pipeline,
         progress=False,
         validate_merges=False,
     )
@@ -80,10 +110,12 @@ def main() -> None:
             noisy = jax.tree.map(lambda x, i=i: x * (1 + 0.01 * i), base)
             checkpoints.save_variables(Path(ckpt_dir) / f"s{i}", noisy, {})
         print(f"model: {n_params:,} parameters, {n_params * 4 / 2**20:.1f} MiB per copy")
-        print(f"{'K':>3}{'GRASP peak MiB':>18}{'all K held MiB':>18}")
+        modes = ("grasp", "hold_all", "fusion", "ties")
+        print("peak MiB per mode (VmHWM of a fresh process)")
+        print(f"{'K':>3}" + "".join(f"{m:>12}" for m in modes))
         for k in args.ks:
             peaks = []
-            for mode in ("grasp", "hold_all"):
+            for mode in modes:
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -99,7 +131,7 @@ def main() -> None:
                     check=True,
                 )
                 peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
-            print(f"{k:>3}{peaks[0]:>18.0f}{peaks[1]:>18.0f}")
+            print(f"{k:>3}" + "".join(f"{p:>12.0f}" for p in peaks))
 
 
 if __name__ == "__main__":

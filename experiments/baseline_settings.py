@@ -25,14 +25,8 @@ class FusionConfig:
             raise ValueError(f"fusion.learning_rate={self.learning_rate}; must be > 0")
 
     def recipe(self) -> recipe.TrainConfig:
-        return recipe.TrainConfig(
-            epochs=self.epochs,
-            learning_rate=self.learning_rate,
-            head_lr_multiplier=1.0,
-            weight_decay=self.weight_decay,
-            grad_clip_norm=None,
-            schedule="cosine_per_epoch",
-            augment=self.augment,
+        return recipe.fine_tuning(
+            self.epochs, self.learning_rate, self.weight_decay, self.augment
         )
 
 
@@ -58,23 +52,17 @@ class PearlConfig:
                 raise ValueError(f"pearl.{name}={getattr(self, name)}; must be > 0")
 
     def adapter_recipe(self) -> recipe.TrainConfig:
-        return recipe.TrainConfig(
-            epochs=self.adapter_epochs,
-            learning_rate=self.learning_rate,
-            head_lr_multiplier=1.0,
-            weight_decay=self.weight_decay,
-            grad_clip_norm=None,
-            schedule="cosine_per_epoch",
-            augment=self.augment,
+        return recipe.fine_tuning(
+            self.adapter_epochs, self.learning_rate, self.weight_decay, self.augment
         )
 
     def composition_recipe(self) -> recipe.TrainConfig:
-        return recipe.TrainConfig(
-            epochs=self.composition_epochs,
-            learning_rate=self.composition_learning_rate,
-            head_lr_multiplier=1.0,
-            weight_decay=0.0,
-            grad_clip_norm=None,
+        """Epochs, augmentation and the logged rate; the optimiser itself is
+        `pearl.composition_optimizer` (Adam, constant rate, simplex projection)."""
+        return recipe.fine_tuning(
+            self.composition_epochs,
+            self.composition_learning_rate,
+            0.0,
+            self.augment,
             schedule="constant",
-            augment=self.augment,
         )

@@ -36,6 +36,22 @@ MEMORY_CHECKPOINTS = {
         "ensemble_created",
         "experiment_end",
     ),
+    "fusion": (
+        "experiment_start",
+        "data_loaded",
+        "source_models_loaded",
+        "fusion_model_created",
+        "finetuning_complete",
+        "experiment_end",
+    ),
+    "pearl": (
+        "experiment_start",
+        "data_loaded",
+        "base_model_created",
+        "adapters_trained",
+        "composition_learned",
+        "experiment_end",
+    ),
 }
 
 

@@ -141,9 +141,16 @@ def run_weight_merge(ctx: Context, name: str) -> MethodResult:
 
 def hyperparameters(config, name: str) -> dict:
     """What a merge run's numbers depend on: its merger's settings, the fine-tuning
-    epochs and GRASP's stage recipe that fine-tunes."""
-    out = {
+    epochs and the fields of GRASP's stage recipe that fine-tune it."""
+    stage = (
+        "initial_epochs",
+        "finetune_epochs",
+        "learning_rate",
+        "weight_decay",
+        "augment",
+    )
+    return {
         name: settings_of(config, name),
         "finetune_epochs_setting": config.merging.finetune_epochs,
+        "stage_recipe": {key: config.grasp[key] for key in stage},
     }
-    return out | {"stage_recipe": config.grasp.to_dict()}

@@ -82,14 +82,8 @@ class GraspConfig:
 
     def stage_config(self, epochs: int) -> recipe.TrainConfig:
         """The reference's `fine_tune_model`: plain AdamW, cosine per epoch, no clipping."""
-        return recipe.TrainConfig(
-            epochs=epochs,
-            learning_rate=self.learning_rate,
-            head_lr_multiplier=1.0,
-            weight_decay=self.weight_decay,
-            grad_clip_norm=None,
-            schedule="cosine_per_epoch",
-            augment=self.augment,
+        return recipe.fine_tuning(
+            epochs, self.learning_rate, self.weight_decay, self.augment
         )
 
 

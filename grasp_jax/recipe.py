@@ -37,6 +37,26 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r}; use one of {list(SCHEDULES)}")
 
 
+def fine_tuning(
+    epochs: int,
+    learning_rate: float,
+    weight_decay: float,
+    augment: bool,
+    schedule: str = "cosine_per_epoch",
+) -> TrainConfig:
+    """The reference's `fine_tune_model` shape (GRASP's stages, FUSION, PEARL): plain
+    AdamW over all parameters alike, no clipping, cosine stepped per epoch."""
+    return TrainConfig(
+        epochs=epochs,
+        learning_rate=learning_rate,
+        head_lr_multiplier=1.0,
+        weight_decay=weight_decay,
+        grad_clip_norm=None,
+        schedule=schedule,
+        augment=augment,
+    )
+
+
 def warmup_cosine(base_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
     """The reference's per-step LambdaLR: base * s / W while s < W (step 0 runs at 0),
     then a cosine from base to 0 over the remaining steps."""

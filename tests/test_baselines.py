@@ -14,6 +14,7 @@ import pytest
 
 from experiments import ensembles, methods, pearl, runner, weight_merges
 from experiments import sources as src
+from experiments.reference_format import MEMORY_CHECKPOINTS
 from grasp_jax import adapters, evaluation, logit_average, merging, models
 from tests import pinned_experiment
 
@@ -225,10 +226,10 @@ def test_baselines_keep_the_reference_keys(experiment):
         "n_train_samples", "n_val_samples", "n_test_samples", "breakdown",
     }  # fmt: skip
     assert sum(fusion["flops"]["breakdown"].values()) == pytest.approx(100)
-    assert list(fusion["memory_checkpoints"]) == [
+    assert tuple(fusion["memory_checkpoints"]) == MEMORY_CHECKPOINTS["fusion"] == (
         "experiment_start", "data_loaded", "source_models_loaded",
         "fusion_model_created", "finetuning_complete", "experiment_end",
-    ]  # fmt: skip
+    )  # fmt: skip
     record = load(workdir, config, "pearl")
     weights = record["composition_weights"]
     assert len(weights) == 2 and sum(weights) == pytest.approx(1) and min(weights) >= 0
@@ -244,10 +245,10 @@ def test_baselines_keep_the_reference_keys(experiment):
         "composition_learning_gflops", "total_gflops", "n_sources", "lora_rank",
         "n_adapted_layers", "breakdown",
     }  # fmt: skip
-    assert list(record["memory_checkpoints"]) == [
+    assert tuple(record["memory_checkpoints"]) == MEMORY_CHECKPOINTS["pearl"] == (
         "experiment_start", "data_loaded", "base_model_created", "adapters_trained",
         "composition_learned", "experiment_end",
-    ]  # fmt: skip
+    )  # fmt: skip
     for voting in ("soft", "prob", "vote"):
         ensemble = load(workdir, config, f"ensemble_{voting}")
         assert ensemble["voting"].startswith(voting)
