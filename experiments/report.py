@@ -69,7 +69,7 @@ def run_record(
         "host_peak_mb": peak,
         "host_peak_gb": peak / 1024,
         "device_peak_mb": memory_log["experiment_end"]["device_peak_mb"],
-        "note": "host peak is this process's VmHWM so far (all earlier runs)",
+        "note": "host peak: VmHWM, reset when the run starts where Linux allows",
     }
     fields = reference_format.memory_fields(memory_log, jax.devices()[0].platform)
     record["gpu_memory"] = fields["gpu_memory"]

@@ -159,6 +159,7 @@ def run_one(
 ) -> dict:
     """One (target, method, trial): run, evaluate, write every result file."""
     memory_log: dict = {}
+    per_run = memory.reset_peak_host_memory()  # this run's peak, not the process's
     ctx.mark = functools.partial(memory_checkpoint, memory_log)
     ctx.out_dir = out_dir
     ctx.mark("experiment_start")
@@ -170,6 +171,7 @@ def run_one(
     record, profile = report.run_record(
         ctx, method, trial, result, seconds, costs, memory_log
     )
+    record["memory"]["host_peak_scope"] = "this run" if per_run else "this process so far"
     record["settings"] = run_settings(ctx, method)
     title = f"{method.name} on {ctx.target}"
     report.write_run(out_dir, record, profile, class_names, title)

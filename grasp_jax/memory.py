@@ -26,6 +26,16 @@ def peak_host_memory_bytes() -> int | None:
     return _status_bytes("VmHWM")
 
 
+def reset_peak_host_memory() -> bool:
+    """Lowers VmHWM to the current RSS (Linux: `5` to /proc/self/clear_refs), so that the
+    next peak is that of what runs from here on; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def current_host_memory_bytes() -> int | None:
     """VmRSS: this process's resident memory now."""
     return _status_bytes("VmRSS")
