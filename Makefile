@@ -12,9 +12,11 @@ STAMP := $(VENV)/.installed
 run: $(STAMP)
 	$(BIN)/python -m experiments.main
 
-# The merge-kernel benchmark (README, "Performance").
+# Every benchmark in one run (merge kernel, GRASP stage, throughput against PyTorch,
+# memory against K, the embedded job), written to benchmarks/results/<date>-<machine>.md
+# (README, "Performance"); about 40 min on 2 CPU cores.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/merge_kernel.py
+	$(BIN)/python benchmarks/run_all.py
 
 # Training/eval images per second of the model zoo, JAX vs PyTorch (README, "Model zoo").
 throughput: $(STAMP)

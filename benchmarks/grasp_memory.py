@@ -94,6 +94,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--data_dir", default="/tmp/grasp_jax_tfds")
+    parser.add_argument(
+        "--max_k_holding",
+        type=int,
+        default=8,
+        help="largest K for the modes that hold all K models (memory grows with K)",
+    )
+    parser.add_argument("--json", help="also write the table here as JSON")
     args = parser.parse_args()
     import jax
 
@@ -113,9 +120,13 @@ def main() -> None:
         modes = ("grasp", "hold_all", "fusion", "ties")
         print("peak MiB per mode (VmHWM of a fresh process)")
         print(f"{'K':>3}" + "".join(f"{m:>12}" for m in modes))
+        table = {"modes": modes, "parameters": n_params, "rows": {}}
         for k in args.ks:
             peaks = []
             for mode in modes:
+                if mode in ("hold_all", "fusion") and k > args.max_k_holding:
+                    peaks.append(float("nan"))
+                    continue
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -131,7 +142,10 @@ def main() -> None:
                     check=True,
                 )
                 peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
-            print(f"{k:>3}" + "".join(f"{p:>12.0f}" for p in peaks))
+            print(f"{k:>3}" + "".join(f"{p:>12.0f}" for p in peaks), flush=True)
+            table["rows"][k] = peaks
+        if args.json:
+            Path(args.json).write_text(json.dumps(table))
 
 
 if __name__ == "__main__":

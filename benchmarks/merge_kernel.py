@@ -4,7 +4,8 @@ A merge reads four trees (current, source, two gradients) and writes one, so it 
 beat about 5 x P x 4 bytes at the machine's best bandwidth. We measure that bandwidth in
 the same run (STREAM-style: a NumPy copy and a jitted, donated in-place update; the
 faster counts), time `merge_step` as a caller sees it (dispatch and pytree flattening
-included), and time the reference's algorithm written as a Python loop over leaves.
+included), the reference's algorithm written as a NumPy loop over leaves, and the same
+as a tuned PyTorch loop (foreach norms, in-place copies of the taken tensors only).
 
     python benchmarks/merge_kernel.py [--reps 7] [--only resnet50] [--granularities]
 """
@@ -12,6 +13,7 @@ included), and time the reference's algorithm written as a Python loop over leav
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -74,6 +76,38 @@ def reference_style_merge(current, source, grad_current, grad_source, threshold=
         score = float(np.dot(a, b) / (np.sqrt(np.dot(a, a)) * np.sqrt(np.dot(b, b)) + 1e-8))
         merged[name] = (source[name] if score > threshold else current[name]).copy()
     return merged
+
+
+def time_torch_foreach(trees_np, reps: int, threshold: float = 0.3) -> list[float] | None:
+    """The reference's algorithm as a tuned PyTorch loop would run it: per-tensor dots,
+    `torch._foreach_norm` for the norms, one host sync for all scores, then an in-place
+    copy of the taken tensors only (the best PyTorch can do; the reference itself
+    copies every tensor through `load_state_dict`). None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    grads = [[torch.from_numpy(v) for v in t.values()] for t in trees_np[2:]]
+    timings = []
+    for _ in range(reps):
+        current, source = (
+            [torch.from_numpy(v.copy()) for v in t.values()] for t in trees_np[:2]
+        )
+        start = time.perf_counter()
+        with torch.no_grad():
+            dots = torch.stack(
+                [torch.dot(a.view(-1), b.view(-1)) for a, b in zip(*grads, strict=True)]
+            )
+            norms = torch.stack(torch._foreach_norm(grads[0])) * torch.stack(
+                torch._foreach_norm(grads[1])
+            )
+            taken = ((dots / (norms + 1e-8)) > threshold).tolist()
+            for cur, src, take in zip(current, source, taken, strict=True):
+                if take:
+                    cur.copy_(src)
+        timings.append(time.perf_counter() - start)
+    return timings
 
 
 def make_trees(shapes, seed: int = 0):
@@ -152,11 +186,13 @@ def main() -> None:
     )
     header = (
         f"{'model':<16}{'params':>12}{'leaves':>8}{'merge_step ms':>20}{'bound ms':>10}"
-        f"{'ratio':>7}{'numpy loop ms':>20}{'speedup':>9}{'XLA bytes/5P4':>15}"
+        f"{'ratio':>7}{'numpy loop ms':>20}{'speedup':>9}{'torch ms':>10}"
+        f"{'jax/torch':>10}{'XLA bytes/5P4':>15}"
     )
     print(header)
     print("-" * len(header))
-    # ratio = merge_step / bound; speedup = numpy loop / merge_step (both best times).
+    # ratio = merge_step / bound; speedup = numpy loop / merge_step; jax/torch =
+    # merge_step / PyTorch foreach loop (all best times).
     for name, shapes in architecture_shapes().items():
         if args.only and name not in args.only:
             continue
@@ -164,6 +200,12 @@ def main() -> None:
         trees = make_trees(shapes)
         ours = time_merge_step(trees, args.reps)
         theirs = time_reference(trees, args.reps)
+        torch_times = time_torch_foreach(trees, args.reps)
+        torch_cells = (
+            f"{min(torch_times) * 1e3:>10.2f}{min(ours) / min(torch_times):>10.2f}"
+            if torch_times
+            else f"{'-':>10}{'-':>10}"
+        )
         bound = 5 * n_params * 4 / (best * 1e9)
         print(
             f"{name:<16}{n_params:>12,}{len(shapes):>8}"
@@ -171,6 +213,7 @@ def main() -> None:
             f"{bound * 1e3:>10.2f}{min(ours) / bound:>7.2f}"
             f"{min(theirs) * 1e3:>11.2f} ({statistics.median(theirs) * 1e3:>6.2f})"
             f"{min(theirs) / min(ours):>8.1f}x"
+            f"{torch_cells}"
             f"{xla_bytes_accessed(trees) / (5 * n_params * 4):>15.2f}"
         )
         if args.granularities:

@@ -1,0 +1,157 @@
+"""Benchmark: one GRASP alignment stage, JAX against the reference's way in PyTorch.
+
+A stage as the reference runs it: both models' gradients on one target batch (the
+current model in train mode, the source in eval mode), the per-tensor cosine of the two
+gradients, and the transfer of every tensor scoring above 0.3. JAX computes both
+gradients in one jitted program and merges with `merge_step`; PyTorch does what the
+reference does: two backward passes, a Python loop over parameters with one `.item()`
+per tensor, then `load_state_dict` of the merged state. Same model, batch and image
+size, float32, each side in its own process; the median of the timed stages counts.
+
+    python benchmarks/grasp_stage.py [--models mobilevit_xxs ...] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ["mobilevit_xxs", "mobilevit_xs", "efficientnet_b1", "resnet50"]
+NUM_CLASSES = 10
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _median(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_jax(name: str, batch: int, size: int, warmup: int, steps: int) -> float:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import grasp_jax as gj
+    from grasp_jax import models, objective
+
+    module = models.create(name, NUM_CLASSES)
+    init = [
+        models.init(name, NUM_CLASSES, jax.random.key(k), (1, size, size, 3))
+        for k in (0, 1)
+    ]
+    rng = np.random.default_rng(0)
+    data = {
+        "image": jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch)),
+        "rng": jax.random.key(2),
+    }
+    train_loss = objective.loss_fn(module, train=True)
+    eval_loss = objective.loss_fn(module, train=False)
+
+    @jax.jit
+    def both_gradients(current, source, batch):
+        g_cur, _ = jax.grad(train_loss, has_aux=True)(
+            current["params"], current["batch_stats"], batch
+        )
+        g_src, _ = jax.grad(eval_loss, has_aux=True)(
+            source["params"], source["batch_stats"], batch
+        )
+        return g_cur, g_src
+
+    def stage():
+        current = jax.tree.map(jnp.copy, init[0])  # merge_step consumes its inputs
+        source = jax.tree.map(jnp.copy, init[1])
+        jax.block_until_ready((current, source))
+        start = time.perf_counter()
+        g_cur, g_src = both_gradients(current, source, data)
+        merged, stats = gj.merge_step(current["params"], source["params"], g_cur, g_src)
+        jax.block_until_ready((merged, stats))
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        stage()
+    return statistics.median(stage() for _ in range(steps))
+
+
+def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> float:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from tests.torch_models import hf_model
+
+    torch.manual_seed(0)
+    current, source = hf_model(name, NUM_CLASSES), hf_model(name, NUM_CLASSES)
+    images = torch.randn(batch, 3, size, size)
+    labels = torch.randint(0, NUM_CLASSES, (batch,))
+
+    def gradients(model, train: bool) -> dict:
+        model.train(train)
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(images).logits, labels).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    def stage():
+        g_cur, g_src = gradients(current, True), gradients(source, False)
+        state = current.state_dict()
+        source_state = source.state_dict()
+        for n in g_cur:  # the reference: one Python float per tensor
+            a, b = g_cur[n].flatten().float(), g_src[n].flatten().float()
+            score = (torch.dot(a, b) / (a.norm() * b.norm() + 1e-8)).item()
+            if score > 0.3:
+                state[n] = source_state[n].clone()
+        current.load_state_dict(state)
+
+    return _median(stage, warmup, steps)
+
+
+def _worker(framework: str, name: str, args) -> float:
+    command = [sys.executable, __file__, "--worker", framework, "--models", name]
+    command += ["--batch", str(args.batch), "--size", str(args.size)]
+    command += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{framework} worker for {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        measure = measure_jax if args.worker == "jax" else measure_torch
+        print(
+            json.dumps(
+                measure(args.models[0], args.batch, args.size, args.warmup, args.steps)
+            )
+        )
+        return
+    print(
+        f"one GRASP stage: two gradients (batch {args.batch}, {args.size}x{args.size}, "
+        f"float32) and the merge; median of {args.steps} after {args.warmup} warm-up"
+    )
+    print("| model | JAX s | PyTorch (reference's way) s | speed-up |")
+    print("|---|---|---|---|")
+    for name in args.models:
+        ours, theirs = _worker("jax", name, args), _worker("torch", name, args)
+        print(f"| {name} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

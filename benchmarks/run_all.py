@@ -1,0 +1,166 @@
+"""`make bench`: every benchmark in one run, written to
+`benchmarks/results/<date>-<machine>.md` (with a PNG of peak memory against K): the
+machine, the library versions, the memory bandwidth measured in the same run, and each
+benchmark's figures with their ratios to the bound and to PyTorch.
+
+    python benchmarks/run_all.py [--quick]   # --quick: one model, fewer repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+    "torch",
+    "transformers",
+)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        cpu = found.group(1).strip() if found else cpu
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        "device": f"{device.platform}: {device.device_kind} x {jax.device_count()}",
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def run(script: str, *args: str) -> tuple[str, float]:
+    """The script's standard output (progress bars on stderr are dropped) and seconds."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return f"FAILED (exit {done.returncode}):\n{done.stderr[-2000:]}", 0.0
+    return done.stdout.strip(), time.perf_counter() - start
+
+
+def memory_plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(int(k) for k in table["rows"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, mode in enumerate(table["modes"]):
+        ax.plot(ks, [table["rows"][str(k)][i] for k in ks], "o-", label=mode)
+    ax.set_xlabel("sources K")
+    ax.set_ylabel("peak host memory, MiB (VmHWM)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.legend()
+    ax.set_title("peak memory against K (wide small_cnn)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    info = machine()
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{info['cpu']}-{info['cores']}cores".lower()).strip(
+        "-"
+    )
+    stem = f"{datetime.date.today().isoformat()}-{slug}"
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quick = ["--only", "mobilevit_xxs", "--reps", "3"] if args.quick else []
+    model_args = ["--models", "mobilevit_xxs"] if args.quick else []
+    with tempfile.TemporaryDirectory() as tmp:
+        memory_json = Path(tmp) / "memory.json"
+        ks = ["2", "4"] if args.quick else ["2", "4", "8", "16"]
+        sections = [
+            ("Merge kernel (`benchmarks/merge_kernel.py`)", run("merge_kernel.py", *quick)),
+            (
+                "One GRASP stage (`benchmarks/grasp_stage.py`)",
+                run("grasp_stage.py", *model_args),
+            ),
+            (
+                "Training and evaluation (`benchmarks/throughput.py`)",
+                run("throughput.py", *model_args),
+            ),
+            (
+                "Peak memory against K (`benchmarks/grasp_memory.py`)",
+                run("grasp_memory.py", "--ks", *ks, "--json", str(memory_json)),
+            ),
+            ("The embedded job (`benchmarks/embedded_job.py`)", run("embedded_job.py")),
+        ]
+        plot = None
+        if memory_json.exists():
+            plot = out_dir / f"{stem}-memory.png"
+            memory_plot(json.loads(memory_json.read_text()), plot)
+    lines = [
+        f"# Benchmarks, {datetime.date.today().isoformat()}",
+        "",
+        "Written by `make bench` (`benchmarks/run_all.py`); every figure below was "
+        "measured in this one run, ratios side by side.",
+        "",
+        "| machine | |",
+        "|---|---|",
+        *(
+            f"| {k} | {v if not isinstance(v, float) else f'{v:.1f}'} |"
+            for k, v in info.items()
+        ),
+        *(f"| {k} | {v} |" for k, v in versions().items()),
+        "",
+    ]
+    for title, (text, seconds) in sections:
+        lines += [f"## {title}", "", f"({seconds:.0f} s)", "", "```", text, "```", ""]
+    if plot is not None:
+        lines += [f"![peak memory against K]({plot.name})", ""]
+    path = out_dir / f"{stem}.md"
+    tmp_path = path.with_suffix(".md.tmp")
+    tmp_path.write_text("\n".join(lines))
+    os.replace(tmp_path, path)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
