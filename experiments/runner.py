@@ -41,7 +41,9 @@ def step_costs(config) -> methods.StepCosts:
         eval_step=step["eval_step"],
         batch_size=step["batch_size"],
         params=step["params"],
-        merge=flops.merge_flops(abstract["params"]),
+        merge=flops.merge_flops(
+            abstract["params"], config.grasp.granularity, config.grasp.mode
+        ),
     )
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from grasp_jax import input_pipeline as ip
 from grasp_jax import recipe, train
+from grasp_jax.alignment import alignment_scores
 from grasp_jax.merge import merge_program
 
 
@@ -43,9 +44,16 @@ def step_flops(model, abstract_variables: dict, pipeline: ip.PipelineConfig) -> 
     }
 
 
-def merge_flops(abstract_params) -> float:
-    """FLOPs of one `merge_step` on trees of these shapes (tensor, hard)."""
+def merge_flops(abstract_params, granularity: str = "tensor", mode: str = "hard") -> float:
+    """FLOPs of one `merge_step` on trees of these shapes: for tensor/hard the score
+    program it runs (the leaves are then handed over, not computed), else its fused
+    program."""
+    if (granularity, mode) == ("tensor", "hard"):
+        lowered = alignment_scores.lower(
+            abstract_params, abstract_params, granularity="tensor"
+        )
+        return lowered_flops(lowered)
     lowered = merge_program.lower(
-        *[abstract_params] * 4, 0.3, 1e-8, granularity="tensor", mode="hard"
+        *[abstract_params] * 4, 0.3, 1e-8, granularity=granularity, mode=mode
     )
     return lowered_flops(lowered)

@@ -1,8 +1,11 @@
-"""`merge_step`: one GRASP transfer (score, then take aligned units) as one XLA program.
+"""`merge_step`: one GRASP transfer (score, then take the aligned units).
 
-Fusing alignment and transfer lets XLA read each gradient once and write the merged
-parameters into the donated buffer of `current`, so a merge costs about one pass over the
-four input trees plus the output.
+The reference's case (whole tensors, hard copies) decides before it writes anything: one
+jitted program reads the two gradient trees and returns a score per leaf, and the merged
+tree is then assembled from the leaves of `current` and `source` themselves, so no
+parameter byte is read or written; the leaves that lose are freed. The finer and soft
+cases run as one XLA program that fuses alignment and transfer and writes the merged
+parameters into the donated buffer of `current`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grasp_jax.alignment import Granularity, alignment_scores_impl
-from grasp_jax.transfer import Mode, transfer_impl
+from grasp_jax.alignment import Granularity, alignment_scores, alignment_scores_impl
+from grasp_jax.transfer import Mode, check_pair, transfer_impl
 from grasp_jax.tree_checks import PyTree, check_same_structure
 
 
@@ -23,7 +26,9 @@ class MergeStats(NamedTuple):
     """What a merge did. A NamedTuple, so it is a pytree and leaves `jit` as is."""
 
     scores: PyTree  # float32 alignment scores, shapes as `alignment_scores` gives them
-    mask: PyTree  # bool, parameter shapes: taken from the source (soft: weight > 0)
+    # bool, parameter shapes: taken from the source (soft: weight > 0). For tensor/hard,
+    # read-only NumPy broadcasts of one decision per leaf (no memory).
+    mask: PyTree
     fraction: jax.Array  # float32 scalar: share of parameter elements taken (soft: mean w)
     nonfinite: jax.Array  # int32 scalar: number of leaves with a non-finite score
 
@@ -63,13 +68,17 @@ def merge_step(
     """Scores the gradients' alignment and transfers the agreeing units of `source`.
 
     Equivalent to `transfer(current, source, alignment_scores(grad_current,
-    grad_source), ...)` in one jitted program. `current` and `source` are consumed:
-    `current`'s buffers are donated to XLA and become the merged tree, and `source`'s
-    arrays are deleted once the merge has read them, so no second model outlives the
-    call (copy either tree first if you still need it). `threshold` and `eps` are
-    traced (changing them does not recompile); `granularity` and `mode` are static.
+    grad_source), ...)`. `current` and `source` are consumed: their leaves become the
+    merged tree or are deleted, so no second model outlives the call (copy either tree
+    first if you still need it). Tensor/hard takes whole leaves without copying them;
+    the other cases donate `current`'s buffers to one XLA program that writes the merged
+    tree. `threshold` and `eps` never recompile; `granularity` and `mode` are static.
     Pass `params` only: BatchNorm statistics are not parameters and must not move.
     """
+    if granularity == "tensor" and mode == "hard":
+        return _take_whole_leaves(
+            current, source, grad_current, grad_source, threshold, eps
+        )
     merged, stats = merge_program(
         current,
         source,
@@ -84,6 +93,39 @@ def merge_step(
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
             leaf.delete()
     return merged, stats
+
+
+def _take_whole_leaves(current, source, grad_current, grad_source, threshold, eps):
+    """The reference's case: decide per leaf on the host from one score program, then
+    hand back `source`'s leaf or `current`'s own (no copy), deleting the other."""
+    check_same_structure(
+        ("current", "source", "grad_current"), current, source, grad_current
+    )
+    check_pair(current, source)
+    scores = alignment_scores(grad_current, grad_source, granularity="tensor", eps=eps)
+    values = np.asarray(jax.device_get(jax.tree.leaves(scores)), np.float32).reshape(-1)
+    take = np.isfinite(values) & (values > np.float32(threshold))
+    current_leaves, treedef = jax.tree.flatten(current)
+    source_leaves = treedef.flatten_up_to(source)
+    merged = []
+    for c, s, t in zip(current_leaves, source_leaves, take, strict=True):
+        kept, lost = (s, c) if t else (c, s)
+        if isinstance(lost, jax.Array) and lost is not kept and not lost.is_deleted():
+            lost.delete()
+        merged.append(jnp.asarray(kept))
+    sizes = np.array([np.size(c) for c in current_leaves], np.float64)
+    total = sizes.sum()
+    fraction = float(sizes[take].sum() / total) if total else 0.0
+    mask = treedef.unflatten(
+        [
+            np.broadcast_to(np.bool_(t), np.shape(c))
+            for c, t in zip(current_leaves, take, strict=True)
+        ]
+    )
+    stats = MergeStats(
+        scores, mask, jnp.float32(fraction), jnp.int32(np.sum(~np.isfinite(values)))
+    )
+    return treedef.unflatten(merged), stats
 
 
 def random_merge_step(

@@ -84,14 +84,11 @@ def _transfer_leaf(current, source, score, threshold, mode):
     return new.astype(current.dtype), taken, weight_sum
 
 
-def transfer_impl(
-    current: PyTree, source: PyTree, scores: PyTree, threshold, mode: str
-) -> TransferResult:
-    """Unjitted body of `transfer`, shared with `merge_step`'s single program."""
-    check_mode(mode)
+def check_pair(current: PyTree, source: PyTree) -> None:
+    """Raises ValueError unless the two parameter trees match leaf for leaf: structure,
+    shapes, floating dtypes, and the same dtype on both sides."""
     check_same_structure(("current", "source"), current, source)
     check_floating(("current", "source"), current, source)
-    check_scores(current, scores)
     for (path, a), (_, b) in zip(
         leaves_with_paths(current), leaves_with_paths(source), strict=True
     ):
@@ -100,6 +97,15 @@ def transfer_impl(
                 f"leaf '{path}' is {jnp.result_type(a)} in current but "
                 f"{jnp.result_type(b)} in source; cast one tree so both match."
             )
+
+
+def transfer_impl(
+    current: PyTree, source: PyTree, scores: PyTree, threshold, mode: str
+) -> TransferResult:
+    """Unjitted body of `transfer`, shared with `merge_step`'s single program."""
+    check_mode(mode)
+    check_pair(current, source)
+    check_scores(current, scores)
     treedef = jax.tree_util.tree_structure(current)
     results = [
         _transfer_leaf(c, s, w, threshold, mode)

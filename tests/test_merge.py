@@ -97,12 +97,26 @@ def test_nan_gradient_is_counted_and_never_transfers():
     assert int(stats.nonfinite) == 1
 
 
-def test_donates_current_and_source_only():
-    current, source = {"w": jnp.zeros(8)}, {"w": jnp.ones(8)}
-    g_current, g_source = {"w": jnp.ones(8)}, {"w": jnp.ones(8)}
-    gj.merge_step(current, source, g_current, g_source)
-    assert current["w"].is_deleted() and source["w"].is_deleted()
-    assert not g_current["w"].is_deleted() and not g_source["w"].is_deleted()
+@pytest.mark.parametrize(("granularity", "mode"), [("tensor", "hard"), ("channel", "soft")])
+def test_consumes_current_and_source_only(granularity, mode):
+    """Every leaf of current and source is deleted or is the merged leaf itself: no
+    second model survives the call; the gradients are untouched."""
+    current = {"w": jnp.zeros(8), "v": jnp.zeros(3)}
+    source = {"w": jnp.ones(8), "v": jnp.ones(3)}
+    g_current = {"w": jnp.ones(8), "v": jnp.ones(3)}
+    g_source = {"w": jnp.ones(8), "v": -jnp.ones(3)}  # w aligned, v opposed
+    merged, stats = gj.merge_step(
+        current, source, g_current, g_source, granularity=granularity, mode=mode
+    )
+    np.testing.assert_array_equal(merged["w"], 1.0)
+    np.testing.assert_array_equal(merged["v"], 0.0)
+    assert float(stats.fraction) == pytest.approx(8 / 11)
+    alive = {id(x) for x in jax.tree.leaves(merged)}
+    for leaf in jax.tree.leaves((current, source)):
+        assert leaf.is_deleted() or id(leaf) in alive
+    if granularity == "tensor":  # whole leaves are handed over, not copied
+        assert merged["w"] is source["w"] and merged["v"] is current["v"]
+    assert not any(x.is_deleted() for x in jax.tree.leaves((g_current, g_source)))
 
 
 def test_threshold_and_values_do_not_recompile(compile_count):
