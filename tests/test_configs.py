@@ -94,8 +94,18 @@ def test_bad_arguments_name_the_key(argument, message):
         ("grasp", "alignment_current_mode", "trian", "['train', 'eval']"),
         ("grasp", "granularity", "layer", "['tensor', 'channel', 'element']"),
         ("grasp", "mode", "hardd", "['hard', 'soft']"),
-        ("source_training", "schedule", "cosine", "['warmup_cosine', 'cosine_per_epoch']"),
-        ("pretrain", "schedule", "linear", "['warmup_cosine', 'cosine_per_epoch']"),
+        (
+            "source_training",
+            "schedule",
+            "cosine",
+            "['warmup_cosine', 'cosine_per_epoch', 'constant']",
+        ),
+        (
+            "pretrain",
+            "schedule",
+            "linear",
+            "['warmup_cosine', 'cosine_per_epoch', 'constant']",
+        ),
     ],
 )
 def test_every_string_option_is_checked_before_any_work(
