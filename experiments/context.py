@@ -64,7 +64,10 @@ class Context:
         `model`, e.g. a wrapper over several models, instead of the zoo model)."""
         return tuple(
             evaluation.predict(
-                model or self.model, variables, self.splits[s], self.pipeline
+                model if model is not None else self.model,
+                variables,
+                self.splits[s],
+                self.pipeline,
             )
             for s in ("validation", "test")
         )
@@ -80,7 +83,7 @@ class Context:
     ) -> loop.FitResult:
         """`loop.fit` on the target's train split, selecting on its validation split."""
         return loop.fit(
-            model or self.model,
+            model if model is not None else self.model,
             variables,
             self.splits["train"],
             self.splits["validation"],

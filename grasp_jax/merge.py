@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grasp_jax.alignment import Granularity, alignment_scores, alignment_scores_impl
+from grasp_jax.alignment import Granularity, alignment_scores_impl
 from grasp_jax.transfer import Mode, check_pair, transfer_impl
 from grasp_jax.tree_checks import PyTree, check_same_structure
 
@@ -27,7 +27,8 @@ class MergeStats(NamedTuple):
 
     scores: PyTree  # float32 alignment scores, shapes as `alignment_scores` gives them
     # bool, parameter shapes: taken from the source (soft: weight > 0). For tensor/hard,
-    # read-only NumPy broadcasts of one decision per leaf (no memory).
+    # read-only NumPy broadcasts of one decision per leaf (no memory), and the scores,
+    # fraction and count are NumPy float32/int32 scalars read back in one transfer.
     mask: PyTree
     fraction: jax.Array  # float32 scalar: share of parameter elements taken (soft: mean w)
     nonfinite: jax.Array  # int32 scalar: number of leaves with a non-finite score
@@ -95,6 +96,14 @@ def merge_step(
     return merged, stats
 
 
+@jax.jit
+def _score_vector(grad_current, grad_source, eps):
+    """Per-leaf tensor scores stacked into one vector: one output buffer, one transfer."""
+    scores = alignment_scores_impl(grad_current, grad_source, "tensor", eps)
+    leaves = jax.tree.leaves(scores)
+    return jnp.stack(leaves) if leaves else jnp.zeros((0,), jnp.float32)
+
+
 def _take_whole_leaves(current, source, grad_current, grad_source, threshold, eps):
     """The reference's case: decide per leaf on the host from one score program, then
     hand back `source`'s leaf or `current`'s own (no copy), deleting the other."""
@@ -102,8 +111,7 @@ def _take_whole_leaves(current, source, grad_current, grad_source, threshold, ep
         ("current", "source", "grad_current"), current, source, grad_current
     )
     check_pair(current, source)
-    scores = alignment_scores(grad_current, grad_source, granularity="tensor", eps=eps)
-    values = np.asarray(jax.device_get(jax.tree.leaves(scores)), np.float32).reshape(-1)
+    values = np.asarray(_score_vector(grad_current, grad_source, eps), np.float32)
     take = np.isfinite(values) & (values > np.float32(threshold))
     current_leaves, treedef = jax.tree.flatten(current)
     source_leaves = treedef.flatten_up_to(source)
@@ -112,7 +120,7 @@ def _take_whole_leaves(current, source, grad_current, grad_source, threshold, ep
         kept, lost = (s, c) if t else (c, s)
         if isinstance(lost, jax.Array) and lost is not kept and not lost.is_deleted():
             lost.delete()
-        merged.append(jnp.asarray(kept))
+        merged.append(kept if isinstance(kept, jax.Array) else jnp.asarray(kept))
     sizes = np.array([np.size(c) for c in current_leaves], np.float64)
     total = sizes.sum()
     fraction = float(sizes[take].sum() / total) if total else 0.0
@@ -122,8 +130,9 @@ def _take_whole_leaves(current, source, grad_current, grad_source, threshold, ep
             for c, t in zip(current_leaves, take, strict=True)
         ]
     )
+    scores = treedef.unflatten(list(values))  # float32 scalars, one per leaf
     stats = MergeStats(
-        scores, mask, jnp.float32(fraction), jnp.int32(np.sum(~np.isfinite(values)))
+        scores, mask, np.float32(fraction), np.int32(np.sum(~np.isfinite(values)))
     )
     return treedef.unflatten(merged), stats
 

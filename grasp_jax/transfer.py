@@ -17,6 +17,7 @@ from grasp_jax.tree_checks import (
     PyTree,
     check_floating,
     check_same_structure,
+    dtype_of,
     leaves_with_paths,
 )
 
@@ -89,6 +90,9 @@ def check_pair(current: PyTree, source: PyTree) -> None:
     shapes, floating dtypes, and the same dtype on both sides."""
     check_same_structure(("current", "source"), current, source)
     check_floating(("current", "source"), current, source)
+    pairs = zip(jax.tree.leaves(current), jax.tree.leaves(source), strict=True)
+    if all(dtype_of(a) == dtype_of(b) for a, b in pairs):
+        return
     for (path, a), (_, b) in zip(
         leaves_with_paths(current), leaves_with_paths(source), strict=True
     ):

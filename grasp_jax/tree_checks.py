@@ -35,11 +35,35 @@ def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
     return [(path_str(path), leaf) for path, leaf in flat]
 
 
+def _shape(leaf) -> tuple:
+    shape = getattr(leaf, "shape", None)
+    return tuple(shape) if shape is not None else jax.numpy.shape(leaf)
+
+
+def dtype_of(leaf):
+    """A leaf's dtype, read off the array where it has one (cheap for eager calls)."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype if dtype is not None else jax.numpy.result_type(leaf)
+
+
+def _quick_match(trees) -> bool:
+    """True if every tree has the first's structure and leaf shapes."""
+    leaves, treedef = jax.tree_util.tree_flatten(trees[0])
+    shapes = [_shape(x) for x in leaves]
+    for tree in trees[1:]:
+        other, other_def = jax.tree_util.tree_flatten(tree)
+        if other_def != treedef or [_shape(x) for x in other] != shapes:
+            return False
+    return True
+
+
 def check_same_structure(names: tuple[str, ...], *trees: PyTree) -> None:
     """Raises ValueError unless all trees have the same structure and leaf shapes.
 
     `names` label the trees in the message (e.g. ("current", "source")).
     """
+    if _quick_match(trees):  # the usual case, without rendering any path
+        return
     reference = leaves_with_paths(trees[0])
     reference_paths = [path for path, _ in reference]
     for name, tree in zip(names[1:], trees[1:], strict=True):
@@ -79,6 +103,11 @@ def check_floating(names: tuple[str, ...], *trees: PyTree) -> None:
     gradients and parameters are; an integer leaf (a step counter, labels) is a
     tree that was not meant to be merged."""
     for name, tree in zip(names, trees, strict=True):
+        if all(
+            jax.numpy.issubdtype(dtype_of(x), jax.numpy.floating)
+            for x in jax.tree_util.tree_leaves(tree)
+        ):
+            continue  # the usual case, without rendering any path
         for path, leaf in leaves_with_paths(tree):
             dtype = jax.numpy.result_type(leaf)
             if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
