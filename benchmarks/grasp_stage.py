@@ -19,22 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-MODELS = ["mobilevit_xxs", "mobilevit_xs", "efficientnet_b1", "resnet50"]
-NUM_CLASSES = 10
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _median(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from throughput import MODELS, NUM_CLASSES, ROOT, median_seconds
 
 
 def measure_jax(name: str, batch: int, size: int, warmup: int, steps: int) -> float:
@@ -112,7 +98,7 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
                 state[n] = source_state[n].clone()
         current.load_state_dict(state)
 
-    return _median(stage, warmup, steps)
+    return median_seconds(stage, warmup, steps)
 
 
 def _worker(framework: str, name: str, args) -> float:

@@ -34,7 +34,7 @@ GLIBC_TUNED = (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _median_seconds(step, warmup: int, steps: int) -> float:
+def median_seconds(step, warmup: int, steps: int) -> float:
     for _ in range(warmup):
         step()
     times = []
@@ -85,10 +85,10 @@ def measure_jax(name: str, batch: int, size: int, warmup: int, steps: int) -> di
         state[0] = train(state[0], images, labels, key)
         jax.block_until_ready(state[0])
 
-    train_s = _median_seconds(one_train_step, warmup, steps)
+    train_s = median_seconds(one_train_step, warmup, steps)
     params, batch_stats, _ = state[0]
     frozen = {"params": params, "batch_stats": batch_stats}
-    eval_s = _median_seconds(
+    eval_s = median_seconds(
         lambda: jax.block_until_ready(evaluate(frozen, images)), warmup, steps
     )
     return {"train": batch / train_s, "eval": batch / eval_s}
@@ -118,8 +118,8 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
         with torch.inference_mode():
             model(images)
 
-    train_s = _median_seconds(train_step, warmup, steps)
-    eval_s = _median_seconds(eval_step, warmup, steps)
+    train_s = median_seconds(train_step, warmup, steps)
+    eval_s = median_seconds(eval_step, warmup, steps)
     return {"train": batch / train_s, "eval": batch / eval_s}
 
 
