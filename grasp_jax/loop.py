@@ -74,7 +74,7 @@ def fit(
             f"{pipeline.batch_size}; lower the batch size."
         )
     schedule = recipe.make_schedule(config, steps)
-    tx = optimizer or recipe.make_optimizer(config, steps)
+    tx = optimizer if optimizer is not None else recipe.make_optimizer(config, steps)
     replicated, batch_sharding = ip.data_parallel()
     # The state is donated step after step: copy, so the caller's variables survive.
     own = jax.tree.map(lambda x: jnp.array(x, copy=True), variables)

@@ -53,15 +53,27 @@ def soup(sources: Sequence[PyTree]) -> PyTree:
     return _soup(check_sources(sources))
 
 
+def task_vector(base: PyTree, source: PyTree) -> PyTree:
+    """tau = theta - base, in float32."""
+    return jax.tree.map(lambda s, b: _f32(s) - _f32(b), source, base)
+
+
 def task_vectors(base: PyTree, sources: Sequence[PyTree]) -> list[PyTree]:
-    """tau_k = theta_k - base, in float32."""
-    return [jax.tree.map(lambda s, b: _f32(s) - _f32(b), s, base) for s in sources]
+    return [task_vector(base, s) for s in sources]
+
+
+def base_plus(base: PyTree, delta: PyTree, scale) -> PyTree:
+    """base + scale * delta (float32 delta), cast back to each base leaf's dtype."""
+    return jax.tree.map(lambda b, d: (_f32(b) + scale * d).astype(b.dtype), base, delta)
+
+
+def _summed(trees: Sequence[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: sum(xs), *trees)
 
 
 @jax.jit
 def _task_arithmetic(base, sources, scale):
-    taus = task_vectors(base, sources)
-    return _merged(base, jax.tree.map(lambda b, *t: _f32(b) + scale * sum(t), base, *taus))
+    return base_plus(base, _summed(task_vectors(base, sources)), scale)
 
 
 def task_arithmetic(base: PyTree, sources: Sequence[PyTree], *, scale=0.3) -> PyTree:
@@ -101,8 +113,7 @@ def disjoint_mean(trimmed: Sequence[PyTree], sign: PyTree) -> PyTree:
 def _ties(base, sources, scale, *, keep):
     trimmed = [trim(t, trim_threshold(t, keep)) for t in task_vectors(base, sources)]
     sign = jax.tree.map(lambda *xs: jnp.sign(sum(xs)), *trimmed)
-    delta = disjoint_mean(trimmed, sign)
-    return _merged(base, jax.tree.map(lambda b, d: _f32(b) + scale * d, base, delta))
+    return base_plus(base, disjoint_mean(trimmed, sign), scale)
 
 
 def ties(base: PyTree, sources: Sequence[PyTree], *, keep=0.2, scale=0.3) -> PyTree:
@@ -138,7 +149,7 @@ def _dare(base, sources, key, rate, scale):
         dare_drop(t, jax.random.fold_in(key, k), rate)
         for k, t in enumerate(task_vectors(base, sources))
     ]
-    return _merged(base, jax.tree.map(lambda b, *t: _f32(b) + scale * sum(t), base, *taus))
+    return base_plus(base, _summed(taus), scale)
 
 
 def dare(
@@ -152,13 +163,12 @@ def dare(
 
 @jax.jit
 def _magmax(base, sources, scale):
-    def pick(b, *taus):
+    def largest(*taus):
         stacked = jnp.stack(taus)
         index = jnp.argmax(jnp.abs(stacked), axis=0)  # the first on equal magnitudes
-        chosen = jnp.take_along_axis(stacked, index[None], axis=0)[0]
-        return _f32(b) + scale * chosen
+        return jnp.take_along_axis(stacked, index[None], axis=0)[0]
 
-    return _merged(base, jax.tree.map(pick, base, *task_vectors(base, sources)))
+    return base_plus(base, jax.tree.map(largest, *task_vectors(base, sources)), scale)
 
 
 def magmax(base: PyTree, sources: Sequence[PyTree], *, scale=0.5) -> PyTree:

@@ -55,12 +55,10 @@ def _add(total, tree):
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _add_delta(total, tree, base):
-    return jax.tree.map(lambda t, x, b: t + _f32(x) - _f32(b), total, tree, base)
+    return jax.tree.map(jnp.add, total, kernels.task_vector(base, tree))
 
 
-@jax.jit
-def _base_plus(base, delta, scale):
-    return jax.tree.map(lambda b, d: (_f32(b) + scale * d).astype(b.dtype), base, delta)
+_base_plus = jax.jit(kernels.base_plus)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +101,7 @@ class TaskArithmetic:
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _add_dropped(total, tree, base, key, rate):
-    tau = jax.tree.map(lambda x, b: _f32(x) - _f32(b), tree, base)
+    tau = kernels.task_vector(base, tree)
     return jax.tree.map(jnp.add, total, kernels.dare_drop(tau, key, rate))
 
 
@@ -123,11 +121,8 @@ class Dare(TaskArithmetic):
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _keep_larger(best, tree, base):
-    def pick(m, x, b):
-        tau = _f32(x) - _f32(b)
-        return jnp.where(jnp.abs(tau) > jnp.abs(m), tau, m)
-
-    return jax.tree.map(pick, best, tree, base)
+    tau = kernels.task_vector(base, tree)
+    return jax.tree.map(lambda m, t: jnp.where(jnp.abs(t) > jnp.abs(m), t, m), best, tau)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +171,7 @@ class Fisher:
 
 @functools.partial(jax.jit, static_argnames="keep")
 def _trimmed(tree, base, *, keep):
-    tau = jax.tree.map(lambda x, b: _f32(x) - _f32(b), tree, base)
+    tau = kernels.task_vector(base, tree)
     threshold = kernels.trim_threshold(tau, keep)
     return kernels.trim(tau, threshold)
 
