@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
-from throughput import MODELS, NUM_CLASSES, ROOT, median_seconds
+from throughput import MODELS, NUM_CLASSES, ROOT, median_seconds, run_worker
 
 
 def measure_jax(name: str, batch: int, size: int, warmup: int, steps: int) -> float:
@@ -101,16 +100,6 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
     return median_seconds(stage, warmup, steps)
 
 
-def _worker(framework: str, name: str, args) -> float:
-    command = [sys.executable, __file__, "--worker", framework, "--models", name]
-    command += ["--batch", str(args.batch), "--size", str(args.size)]
-    command += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{framework} worker for {name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
@@ -135,7 +124,10 @@ def main() -> None:
     print("| model | JAX s | PyTorch (reference's way) s | speed-up |")
     print("|---|---|---|---|")
     for name in args.models:
-        ours, theirs = _worker("jax", name, args), _worker("torch", name, args)
+        ours, theirs = (
+            run_worker(__file__, "jax", name, args),
+            run_worker(__file__, "torch", name, args),
+        )
         print(f"| {name} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x |", flush=True)
 
 

@@ -123,31 +123,23 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
     return {"train": batch / train_s, "eval": batch / eval_s}
 
 
+def run_worker(script: str, framework: str, name: str, args, env=None):
+    """`script --worker framework` for one model in a fresh process; its JSON answer."""
+    command = [sys.executable, script, "--worker", framework, "--models", name]
+    command += ["--batch", str(args.batch), "--size", str(args.size)]
+    command += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{framework} worker for {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _run_worker(framework: str, name: str, args, tuned: bool) -> dict:
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
     if tuned:
         env["GLIBC_TUNABLES"] = GLIBC_TUNED
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        framework,
-        "--models",
-        name,
-        "--batch",
-        str(args.batch),
-        "--size",
-        str(args.size),
-        "--warmup",
-        str(args.warmup),
-        "--steps",
-        str(args.steps),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{framework} worker for {name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, framework, name, args, env)
 
 
 def main() -> None:
