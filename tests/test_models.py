@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from grasp_jax import interop, models
+from grasp_jax.models.efficientnet import round_filters
 from tests import torch_models
 
 ZOO = ["resnet50", "efficientnet_b1", "mobilevit_xxs", "mobilevit_xs"]
@@ -103,10 +104,10 @@ def _torch_train_step(model, images, labels):
     return logits.detach().double().numpy(), grads, stats
 
 
-def _jax_train_step(name, variables, images, labels, dtype):
+def _jax_train_step(name, variables, images, labels, dtype, overrides):
     """The same step in Flax, its gradients and statistics under PyTorch's names."""
     module = models.create(
-        name, NUM_CLASSES, dtype=dtype, **torch_models.FLAX_NO_DROPOUT[name]
+        name, NUM_CLASSES, dtype=dtype, **torch_models.FLAX_NO_DROPOUT[name], **overrides
     )
     variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), variables)
 
@@ -140,16 +141,28 @@ def _relative_errors(got: dict, expected: dict) -> dict:
     }
 
 
+# A narrow, shallow EfficientNet (10 blocks, every block kind of B1's: expansion 1 and 6,
+# kernels 3 and 5, strides 1 and 2, squeeze-excite, residuals, the symmetric depthwise
+# padding at block 7) so that CI checks the architecture's train mode in seconds; the
+# full B1 runs with the slow tests. The fields are named alike in HF and in our module.
+NARROW_EFFICIENTNET = {
+    "width_coefficient": 0.25,
+    "depth_coefficient": 0.5,
+    "depthwise_padding": (7,),
+}
+
+
 @pytest.mark.parametrize(
-    "name",
+    ("name", "changes"),
     [
-        "resnet50",
-        "mobilevit_xxs",
-        pytest.param("efficientnet_b1", marks=pytest.mark.slow),
-        pytest.param("mobilevit_xs", marks=pytest.mark.slow),
+        ("resnet50", {}),
+        ("mobilevit_xxs", {}),
+        pytest.param("efficientnet_b1", NARROW_EFFICIENTNET, id="efficientnet_narrow"),
+        pytest.param("efficientnet_b1", {}, marks=pytest.mark.slow, id="efficientnet_b1"),
+        pytest.param("mobilevit_xs", {}, marks=pytest.mark.slow, id="mobilevit_xs"),
     ],
 )
-def test_train_mode_batch_stats_and_gradients_match_pytorch(name):
+def test_train_mode_batch_stats_and_gradients_match_pytorch(name, changes):
     """One train-mode step (dropout off) as PyTorch takes it: logits, BatchNorm running
     statistics and cross-entropy gradients.
 
@@ -158,16 +171,21 @@ def test_train_mode_batch_stats_and_gradients_match_pytorch(name):
     float64 ones by ~2% (ResNet-50); only float64 isolates implementation differences.
     Our float32 gradients must then be as close to that float64 truth as PyTorch's.
     """
-    torch_model = torch_models.hf_model(name, NUM_CLASSES, dropout=False)
+    hf_changes = dict(changes)
+    if "width_coefficient" in changes:  # HF sizes the head by hand; we derive it
+        hf_changes["hidden_dim"] = round_filters(1280, changes["width_coefficient"])
+    torch_model = torch_models.hf_model(name, NUM_CLASSES, dropout=False, **hf_changes)
     torch_model = torch_models.randomize(torch_model, seed=2)
-    variables = interop.import_torch(name, torch_model.state_dict())
+    variables = interop.import_torch(name, torch_model.state_dict(), **changes)
     images = _images(96, batch=4, seed=3)  # at 96, MobileViT resizes its last 3x3 map
     labels = np.array([0, 3, 5, 6])
 
     _, grads32, _ = _torch_train_step(copy.deepcopy(torch_model), images, labels)
     logits, grads, stats = _torch_train_step(torch_model.double(), images, labels)
     with jax.enable_x64(True):
-        our_logits, ours = _jax_train_step(name, variables, images, labels, jnp.float64)
+        our_logits, ours = _jax_train_step(
+            name, variables, images, labels, jnp.float64, changes
+        )
     np.testing.assert_allclose(our_logits, logits, rtol=0, atol=1e-8 * np.abs(logits).max())
     for key, value in stats.items():
         np.testing.assert_allclose(ours[key], value, rtol=1e-9, atol=1e-12, err_msg=key)
@@ -176,7 +194,7 @@ def test_train_mode_batch_stats_and_gradients_match_pytorch(name):
     print(f"{name}: float64 gradients, worst relative error {errors[worst]:.1e} ({worst})")
     assert errors[worst] <= 1e-4, worst
 
-    _, ours32 = _jax_train_step(name, variables, images, labels, jnp.float32)
+    _, ours32 = _jax_train_step(name, variables, images, labels, jnp.float32, changes)
     ours32, theirs32 = _relative_errors(ours32, grads), _relative_errors(grads32, grads)
     print(
         f"{name}: float32 vs float64 truth: ours {max(ours32.values()):.1e}, "

@@ -55,12 +55,13 @@ FLAX_NO_DROPOUT = {
 }
 
 
-def hf_model(name: str, num_labels: int, *, dropout: bool = True) -> nn.Module:
-    """The transformers model `name` with random weights, built from its config."""
+def hf_model(name: str, num_labels: int, *, dropout: bool = True, **changes) -> nn.Module:
+    """The transformers model `name` with random weights, built from its config
+    (`changes` replace config fields, e.g. a narrower, shallower variant for fast tests)."""
     import transformers
 
     family, fields = HF_CONFIGS[name]
-    fields = dict(fields, num_labels=num_labels)
+    fields = dict(fields, num_labels=num_labels, **changes)
     if not dropout:
         fields.update(NO_DROPOUT[family])
     config = getattr(transformers, f"{family}Config")(**fields)
