@@ -104,6 +104,17 @@ def _score_vector(grad_current, grad_source, eps):
     return jnp.stack(leaves) if leaves else jnp.zeros((0,), jnp.float32)
 
 
+_ONE_BYTE = {True: np.ones((), bool), False: np.zeros((), bool)}
+
+
+def _constant_mask(value, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only bool array of `shape` that is `value` everywhere, viewing one byte
+    (what `np.broadcast_to` makes, without its ~4 us of Python per leaf)."""
+    mask = np.ndarray(shape, np.bool_, _ONE_BYTE[bool(value)], 0, (0,) * len(shape))
+    mask.flags.writeable = False
+    return mask
+
+
 def _take_whole_leaves(current, source, grad_current, grad_source, threshold, eps):
     """The reference's case: decide per leaf on the host from one score program, then
     hand back `source`'s leaf or `current`'s own (no copy), deleting the other."""
@@ -123,10 +134,7 @@ def _take_whole_leaves(current, source, grad_current, grad_source, threshold, ep
     total = sizes.sum()
     fraction = float(sizes[take].sum() / total) if total else 0.0
     mask = treedef.unflatten(
-        [
-            np.broadcast_to(np.bool_(t), np.shape(c))
-            for c, t in zip(current_leaves, take, strict=True)
-        ]
+        [_constant_mask(t, np.shape(c)) for c, t in zip(current_leaves, take, strict=True)]
     )
     scores = treedef.unflatten(list(values))  # float32 scalars, one per leaf
     stats = MergeStats(

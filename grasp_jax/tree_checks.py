@@ -103,11 +103,9 @@ def check_floating(names: tuple[str, ...], *trees: PyTree) -> None:
     gradients and parameters are; an integer leaf (a step counter, labels) is a
     tree that was not meant to be merged."""
     for name, tree in zip(names, trees, strict=True):
-        if all(
-            jax.numpy.issubdtype(dtype_of(x), jax.numpy.floating)
-            for x in jax.tree_util.tree_leaves(tree)
-        ):
-            continue  # the usual case, without rendering any path
+        dtypes = {dtype_of(x) for x in jax.tree_util.tree_leaves(tree)}
+        if all(jax.numpy.issubdtype(d, jax.numpy.floating) for d in dtypes):
+            continue  # the usual case: each distinct dtype checked once, no path rendered
         for path, leaf in leaves_with_paths(tree):
             dtype = jax.numpy.result_type(leaf)
             if not jax.numpy.issubdtype(dtype, jax.numpy.floating):

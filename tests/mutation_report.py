@@ -19,6 +19,7 @@ STATUS = {
     33: "no tests",
     36: "timeout",
     -24: "timeout",
+    -9: "timeout",  # killed after the CPU limit
     255: "crashed",  # the test run died before pytest reported (e.g. import failed)
     -11: "crashed",
 }
@@ -41,7 +42,9 @@ def results(root: Path = Path("mutants")) -> dict[str, dict[str, collections.Cou
 
 def row(name: str, counts: collections.Counter) -> str:
     total = sum(counts.values())
-    caught = counts["killed"] + counts["crashed"]
+    # a mutant that makes the tests crash or run forever is caught as surely as one
+    # that makes them fail
+    caught = counts["killed"] + counts["crashed"] + counts["timeout"]
     tested = caught + counts["survived"]
     score = f"{100 * caught / tested:.0f} %" if tested else "-"
     cells = " | ".join(str(counts[c]) for c in COLUMNS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -339,6 +340,7 @@ def test_a_source_is_not_reused_after_the_seed_changed(tmp_path):
     seed = settings.config_seed(config, "source", 0)
     path = sources.source_dir(config, tmp_path, "d0")
     metadata = {"settings": sources.source_settings(config, "source_training", seed)}
+    assert not sources.reuse_checked(config, tmp_path, "d0", metadata["settings"])
     checkpoints.save_variables(path, small_variables(), metadata)
     before = snapshot(tmp_path)
     assert sources.reuse_checked(config, tmp_path, "d0", metadata["settings"])
@@ -347,10 +349,17 @@ def test_a_source_is_not_reused_after_the_seed_changed(tmp_path):
         config, "source_training", settings.config_seed(config, "source", 0)
     )
     with pytest.raises(
-        settings.ConfigError, match=r"trained with other settings \(\['seed'\]\)"
+        settings.ConfigError,
+        match=rf"^source {re.escape(str(path))} was trained with other settings "
+        rf"\(\['seed'\]\); use another --workdir for this configuration, or delete "
+        rf"{re.escape(str(path))} to retrain it\.$",
     ):
         sources.reuse_checked(config, tmp_path, "d0", changed)
     assert snapshot(tmp_path) == before
+    # a checkpoint saved without settings (an older version) is not trusted either
+    checkpoints.save_variables(path, small_variables(), {})
+    with pytest.raises(settings.ConfigError, match=r"other settings \(\['data_version'"):
+        sources.reuse_checked(config, tmp_path, "d0", metadata["settings"])
 
 
 def test_an_interrupted_source_does_not_resume_under_another_recipe(digits_dir, tmp_path):

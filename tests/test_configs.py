@@ -3,6 +3,10 @@ every option before any work."""
 
 from __future__ import annotations
 
+import json
+import re
+import types
+
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -146,3 +150,55 @@ def test_reuse_check_names_every_differing_key_path():
     with pytest.raises(settings.ConfigError, match=r"\['k0', .*'k7'\]\)"):
         settings.require_same(many, {}, "run", "fix it")
     settings.require_same(stored, dict(stored), "run", "fix it")  # equal: no error
+
+
+def _context(config, tmp_path, seed=17):
+    version = types.SimpleNamespace(version="1.2.0")
+    train_split = types.SimpleNamespace(dataset_info=version)
+    return methods.Context(
+        config, tmp_path, "d2", ["d0", "d1"], {"train": train_split}, seed
+    )
+
+
+def test_a_runs_settings_are_everything_its_numbers_depend_on(tmp_path):
+    config = digits.get_config()
+    method = methods.REGISTRY["grasp"]
+    got = runner.run_settings(_context(config, tmp_path), method)
+    assert got == {
+        "hyperparameters": method.hyperparameters(config),
+        "seed": 17,
+        "sources": ["d0", "d1"],
+        "data_version": "1.2.0",
+        "model": "small_cnn",
+        "model_overrides": {},
+        "num_classes": 10,
+        "pipeline": config.pipeline.to_dict(),
+        "init": "pretrain",
+        "pretrain": config.pretrain.to_dict(),
+        "source_training": config.source_training.to_dict(),
+    }
+    assert got["hyperparameters"]["threshold"] == config.grasp.threshold
+    config.init = "scratch"  # no pretraining: its settings do not matter
+    assert runner.run_settings(_context(config, tmp_path), method)["pretrain"] is None
+
+
+def test_a_finished_run_is_reused_only_under_the_same_settings(tmp_path):
+    config = digits.get_config()
+    method = methods.REGISTRY["grasp"]
+    expected = runner.run_settings(_context(config, tmp_path), method)
+    record = {"accuracy": 0.5, "method_label": "old name", "settings": expected}
+    (tmp_path / "metrics.json").write_text(json.dumps(record))
+    reused = runner.reuse_finished(tmp_path, method, expected)
+    assert reused == {**record, "method_label": "grasp"}
+    other = runner.run_settings(_context(config, tmp_path, seed=18), method)
+    with pytest.raises(
+        settings.ConfigError,
+        match=rf"^{re.escape(str(tmp_path))} holds a finished run with other settings "
+        r"\(\['seed'\]\); use another --workdir for this configuration, or delete that "
+        r"folder\.$",
+    ):
+        runner.reuse_finished(tmp_path, method, other)
+    del record["settings"]  # a run written before settings were recorded
+    (tmp_path / "metrics.json").write_text(json.dumps(record))
+    with pytest.raises(settings.ConfigError, match=r"other settings \(\['data_version'"):
+        runner.reuse_finished(tmp_path, method, expected)

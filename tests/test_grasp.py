@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from grasp_jax import evaluation, grasp, models, seeding
 from grasp_jax import input_pipeline as ip
+from grasp_jax.merge import MergeStats
 from grasp_jax.tree_checks import leaves_with_paths
 from tests import numpy_reference as ref
 
@@ -209,22 +210,37 @@ def test_full_run_fine_tunes_and_records_every_stage(splits):
     assert logits.shape == (len(splits["test"]), 10) and np.isfinite(logits).all()
 
 
-def test_alignment_batches_are_the_first_of_a_fresh_pass(splits):
+@pytest.mark.parametrize("augment", [False, True])
+def test_alignment_batches_are_the_first_of_a_fresh_pass(splits, augment):
+    """The first batches of a shuffled training pass seeded by the stage key's "data"
+    stream, preprocessed once (augmented with its "augment" stream, batch by batch), each
+    with its own dropout key, the "dropout" stream."""
+    key = jax.random.PRNGKey(3)
     batches = grasp.alignment_batches(
         splits["train"],
         PIPE,
-        grasp.GraspConfig(num_alignment_batches=2, augment=False),
-        jax.random.PRNGKey(0),
+        grasp.GraspConfig(num_alignment_batches=2, augment=augment),
+        key,
     )
-    seed = seeding.int_seed(seeding.stream(jax.random.PRNGKey(0), "data"))
+    seed = seeding.int_seed(seeding.stream(key, "data"))
     raw = list(
-        itertools.islice(iter(ip.dataset(splits["train"], PIPE, train=True, seed=seed)), 2)
+        itertools.islice(iter(ip.dataset(splits["train"], PIPE, train=True, seed=seed)), 3)
     )
+    in_order = next(iter(ip.dataset(splits["train"], PIPE, train=False)))
+    assert not np.array_equal(raw[0]["label"], in_order["label"][: PIPE.batch_size])
     assert len(batches) == 2
-    for got, want in zip(batches, raw, strict=True):
-        np.testing.assert_allclose(
-            got["image"], ip.normalize(want["image"], PIPE), rtol=1e-6
-        )
+    for i, (got, want) in enumerate(zip(batches, raw[:2], strict=True)):
+        assert set(got) == {"image", "label", "rng"}
+        if augment:
+            expected = ip.augment(seeding.stream(key, "augment", i), want["image"], PIPE)
+        else:
+            expected = ip.normalize(want["image"], PIPE)
+        np.testing.assert_allclose(got["image"], expected, rtol=1e-6)
+        np.testing.assert_array_equal(got["label"], want["label"])
+        np.testing.assert_array_equal(got["rng"], seeding.stream(key, "dropout", i))
+    assert not np.array_equal(batches[0]["rng"], batches[1]["rng"])
+    if augment:  # augmentation really happened, with a key of its own per batch
+        assert not np.allclose(batches[0]["image"], ip.normalize(raw[0]["image"], PIPE))
 
 
 def test_stages_run_in_the_reference_order_from_the_right_state():
@@ -347,3 +363,256 @@ def test_the_readme_example_runs_as_written():
     result = namespace["result"]
     assert [s.source for s in result.stages] == ["source_0", "s1", "s2"]
     assert all(0.0 <= s.fraction <= 1.0 for s in result.stages[1:])
+
+
+def test_default_steps_fine_tune_and_validate_on_the_right_splits(monkeypatch):
+    """`default_steps` wires the library: each fine-tune is `loop.fit` on the train split
+    with selection on validation, the stage recipe for its epochs, the stage key's seed
+    and its label; validation is the model's accuracy on the validation split."""
+    from grasp_jax import loop
+
+    calls = []
+
+    def fake_fit(model, variables, train_split, val_split, **kwargs):
+        calls.append((model, variables, train_split, val_split, kwargs))
+        return loop.FitResult({"fitted": variables}, 0.5, 1, [{"epoch": 0}], 1.0)
+
+    predicted = []
+
+    def fake_predict(model, variables, split, pipeline):
+        predicted.append((model, variables, split, pipeline))
+        return {"accuracy": 0.25, "loss": 1.0}
+
+    monkeypatch.setattr(loop, "fit", fake_fit)
+    monkeypatch.setattr(evaluation, "predict", fake_predict)
+    model = object()
+    splits = {"train": ["t"], "validation": ["v"], "test": ["x"]}
+    config = grasp.GraspConfig(learning_rate=2e-4, weight_decay=0.5, augment=True)
+    steps = grasp.default_steps(model, splits, config=config, pipeline=PIPE, progress=False)
+    key = jax.random.PRNGKey(9)
+    tuned = steps.finetune({"w": 1}, 4, key, "grasp stage 2 (b)")
+    assert tuned == grasp.FineTuned({"fitted": {"w": 1}}, 0.5, [{"epoch": 0}])
+    ((got_model, got_vars, train_split, val_split, kwargs),) = calls
+    assert (got_model, got_vars, train_split, val_split) == (model, {"w": 1}, ["t"], ["v"])
+    assert kwargs == {
+        "config": config.stage_config(4),
+        "pipeline": PIPE,
+        "seed": seeding.int_seed(key),
+        "progress": False,
+        "description": "grasp stage 2 (b)",
+    }
+    stage = kwargs["config"]
+    assert (stage.epochs, stage.learning_rate, stage.weight_decay) == (4, 2e-4, 0.5)
+    assert stage.augment is True
+    assert steps.validate({"w": 2}) == 0.25
+    assert predicted == [(model, {"w": 2}, ["v"], PIPE)]
+    assert steps.merge is grasp.aligned_merge
+    other = grasp.default_steps(
+        model,
+        splits,
+        config=config,
+        pipeline=PIPE,
+        validate_merges=False,
+        merge=grasp.random_merge,
+    )
+    assert other.validate is None and other.merge is grasp.random_merge
+
+
+def test_default_steps_align_on_the_train_split_with_the_model():
+    model = models.create("small_cnn", 10)
+    rows = [
+        {"image": np.full((32, 32, 3), 40 * (i % 5), np.uint8), "label": i % 10}
+        for i in range(64)
+    ]
+    splits = {"train": rows, "validation": rows[:8]}
+    config = grasp.GraspConfig(num_alignment_batches=1, augment=False)
+    steps = grasp.default_steps(model, splits, config=config, pipeline=PIPE, progress=False)
+    key = jax.random.PRNGKey(4)
+    (batch,) = steps.alignment_batches(key)
+    (want,) = grasp.alignment_batches(rows, PIPE, config, key)
+    np.testing.assert_array_equal(batch["image"], want["image"])
+    current = variables(0)
+    grads, stats = steps.gradients(current, [batch], False)
+    expected = jax.grad(
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(
+                {"params": p, "batch_stats": current["batch_stats"]}, batch["image"]
+            ),
+            batch["label"],
+        ).mean()
+    )(current["params"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        grads,
+        expected,
+    )
+    jax.tree.map(np.testing.assert_array_equal, stats, current["batch_stats"])
+
+
+def test_every_process_aligns_on_the_whole_global_batches(splits, monkeypatch):
+    """In a multi-process run each process scores the full batches (then all merge
+    alike), not its shard of them: as process 1 of 2 it gets what one process gets."""
+    config = grasp.GraspConfig(num_alignment_batches=2, augment=False)
+    key = jax.random.PRNGKey(6)
+    alone = grasp.alignment_batches(splits["train"], PIPE, config, key)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    second = grasp.alignment_batches(splits["train"], PIPE, config, key)
+    assert len(second) == 2
+    for got, want in zip(second, alone, strict=True):
+        assert got["image"].shape[0] == PIPE.batch_size
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_alignment_gradients_of_a_model_without_batch_norm():
+    """A model with no BatchNorm keeps an empty (not missing) statistics collection."""
+    import flax.linen as nn
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(3)(x)
+
+    model = Linear()
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.float32))["params"]
+    batch = {
+        "image": np.arange(8, dtype=np.float32).reshape(2, 4) / 8,
+        "label": np.array([0, 2]),
+        "rng": jax.random.PRNGKey(1),
+    }
+    for train_mode in (False, True):
+        grads, stats = grasp.alignment_gradients(
+            model, {"params": params}, [batch], train_mode
+        )
+        assert stats == {}
+        expected = jax.grad(
+            lambda p: optax.softmax_cross_entropy_with_integer_labels(
+                model.apply({"params": p}, batch["image"]), batch["label"]
+            ).mean()
+        )(params)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), grads, expected
+        )
+
+
+def _leaf_trees(seed: int, count: int = 12) -> tuple[dict, ...]:
+    """current, source and both gradients: `count` random float32 leaves of ranks 1-3."""
+    rng = np.random.default_rng(seed)
+    shapes = [((5,), (3, 4), (2, 2, 3))[i % 3] for i in range(count)]
+
+    def tree():
+        return {
+            f"p{i}": rng.normal(size=s).astype(np.float32) for i, s in enumerate(shapes)
+        }
+
+    return tree(), tree(), tree(), tree()
+
+
+def _on_device(tree: dict) -> dict:
+    return jax.tree.map(jax.numpy.array, tree)
+
+
+@pytest.mark.parametrize(
+    ("granularity", "mode"), [("channel", "soft"), ("element", "hard"), ("tensor", "soft")]
+)
+def test_aligned_merge_follows_the_configs_threshold_granularity_and_mode(
+    granularity, mode
+):
+    current, source, g_cur, g_src = _leaf_trees(1)
+    config = grasp.GraspConfig(threshold=0.1, granularity=granularity, mode=mode)
+    merged, _ = grasp.aligned_merge(
+        _on_device(current), _on_device(source), g_cur, g_src, config, None
+    )
+    for name in current:
+        score = ref.cosine(g_cur[name], g_src[name], granularity)
+        want, _ = ref.transfer_leaf(current[name], source[name], score, 0.1, mode)
+        np.testing.assert_allclose(merged[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def _moved_units(merged, current, source, granularity) -> int:
+    """How many units (tensors, or channels: last-axis columns) hold the source's values;
+    every unit must hold exactly one model's."""
+    moved = 0
+    for name in current:
+        got, cur, src = (np.asarray(t[name]) for t in (merged, current, source))
+        if granularity == "channel":
+            got, cur, src = (t.reshape(-1, t.shape[-1]) for t in (got, cur, src))
+            took = np.all(got == src, axis=0)
+            assert np.all(took | np.all(got == cur, axis=0)), name
+            moved += int(took.sum())
+        else:
+            took = np.array_equal(got, src)
+            assert took or np.array_equal(got, cur), name
+            moved += int(took)
+    return moved
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_random_merge_moves_as_many_units_as_grasp_would_chosen_by_the_key(granularity):
+    current, source, g_cur, g_src = _leaf_trees(2)
+    config = grasp.GraspConfig(threshold=0.0, granularity=granularity)
+    aligned = sum(
+        int(np.sum(ref.cosine(g_cur[n], g_src[n], granularity) > 0.0)) for n in current
+    )
+    units = sum(
+        1 if granularity == "tensor" else (t.shape[-1] if t.ndim >= 2 else t.size)
+        for t in current.values()
+    )
+    assert 0 < aligned < units  # some units move, not all: a choice to make
+    chosen = []
+    for seed in (0, 1, 2, 0):
+        merged, _ = grasp.random_merge(
+            _on_device(current),
+            _on_device(source),
+            g_cur,
+            g_src,
+            config,
+            jax.random.PRNGKey(seed),
+        )
+        assert _moved_units(merged, current, source, granularity) == aligned
+        chosen.append(jax.tree.map(np.asarray, merged))
+    jax.tree.map(np.testing.assert_array_equal, chosen[0], chosen[3])  # same key
+    assert any(
+        not np.array_equal(chosen[0][n], chosen[i][n]) for i in (1, 2) for n in current
+    )
+
+
+def test_a_stage_records_what_its_merge_reports_and_passes_the_merge_key():
+    """`run_grasp` hands the merge the stage's "merge" stream and records the merge's
+    own fraction, the elements its mask takes and its non-finite count."""
+    seen_keys = []
+
+    def merge(current, source, grad_current, grad_source, config, key):
+        seen_keys.append(np.asarray(key))
+        mask = {"w": np.array([True, False, True]), "v": np.ones((2, 2), bool)}
+        return source, MergeStats(scores=None, mask=mask, fraction=0.375, nonfinite=2)
+
+    steps = grasp.GraspSteps(
+        finetune=lambda variables, epochs, key, label: grasp.FineTuned(variables),
+        alignment_batches=lambda key: [None],
+        gradients=lambda v, b, train_mode: (
+            jax.tree.map(np.ones_like, v["params"]),
+            v["batch_stats"],
+        ),
+        merge=merge,
+    )
+    start = {"params": {"w": np.zeros(3), "v": np.zeros((2, 2))}, "batch_stats": {}}
+    result = grasp.run_grasp(
+        start,
+        [(name, lambda: start) for name in ("a", "b")],
+        steps,
+        config=grasp.GraspConfig(initial_epochs=0, finetune_epochs=0),
+        key=jax.random.PRNGKey(7),
+    )
+    for stage in (1, 2):
+        stats = result.stages[stage]
+        assert (stats.fraction, stats.n_transferred, stats.nonfinite_leaves) == (
+            0.375,
+            6,
+            2,
+        )
+        assert stats.fraction_by_layer == {"v": 1.0, "w": pytest.approx(2 / 3)}
+        np.testing.assert_array_equal(
+            seen_keys[stage - 1], seeding.stream(jax.random.PRNGKey(7), "merge", stage)
+        )

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -376,11 +377,27 @@ def test_bad_baseline_settings_name_the_key(key, value, message):
         settings.check(config, methods.REGISTRY)
 
 
+def test_baseline_settings_at_the_edges_of_their_ranges_are_accepted():
+    config = get_config()
+    config.merging.dare.rate = 0.0
+    config.merging.ties.keep = 1.0
+    config.merging.ties.scale = 10.0
+    config.merging.finetune_epochs = -1
+    config.merging.fisher.examples = 1
+    config.merging.fisher.floor = 0.0
+    settings.check(config, methods.REGISTRY)  # no error
+
+
 def test_methods_all_is_every_method_but_the_alias():
     config = get_config("methods=all")
+    settings.check(config, methods.REGISTRY)  # "all" is not an unknown method
     names = methods.selected(config)
     assert set(names) == set(methods.REGISTRY) - {"ensemble"}
     assert methods.selected(get_config("methods=grasp+fusion")) == ["grasp", "fusion"]
+    config.methods = ("grasp,ties+fusion",)
+    assert settings.requested_methods(config) == ["grasp", "ties", "fusion"]
+    one_string = types.SimpleNamespace(methods="grasp,ties+fusion")
+    assert settings.requested_methods(one_string) == ["grasp", "ties", "fusion"]
 
 
 def test_unknown_config_key_is_rejected_on_the_command_line():

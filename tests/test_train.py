@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -162,7 +163,9 @@ class _FailingWriter:
         pass
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(digits_dir, tmp_path):
+def test_resume_after_interruption_matches_an_uninterrupted_run(
+    digits_dir, tmp_path, capsys
+):
     module, variables = small_model()
     data = splits(digits_dir, "d0")
     config = dataclasses.replace(FAST, epochs=3)
@@ -187,11 +190,19 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digits_dir, tmp_
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "train_step", counting_step)
+        capsys.readouterr()
         resumed = loop.fit(
-            module, variables, data["train"], data["validation"], workdir=tmp_path, **kwargs
+            module,
+            variables,
+            data["train"],
+            data["validation"],
+            workdir=tmp_path,
+            **{**kwargs, "progress": True},
         )
     # epochs 0 and 1 were checkpointed: the rerun trains epoch 2 only
-    assert len(steps_run) == ip.steps_per_epoch(data["train"], PIPE.batch_size)
+    steps = ip.steps_per_epoch(data["train"], PIPE.batch_size)
+    assert len(steps_run) == steps
+    assert f"{2 * steps}/{3 * steps}" in capsys.readouterr().err  # the bar resumes too
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert [h["val_accuracy"] for h in resumed.history] == [
         h["val_accuracy"] for h in whole.history
@@ -273,3 +284,155 @@ def test_the_callers_variables_survive_and_augment_is_passed(digits_dir, monkeyp
     )
     assert seen and set(seen) == {True}
     jax.tree.map(np.testing.assert_array_equal, on_device, variables)  # not deleted
+
+
+class _RecordingWriter:
+    def __init__(self):
+        self.scalars, self.flushes = [], 0
+
+    def add_scalar(self, tag, value, epoch):
+        self.scalars.append((tag, value, epoch))
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_history_and_writer_record_what_each_epoch_did(digits_dir, monkeypatch):
+    """Per epoch: the mean of the steps' own loss and accuracy, the validation pass's
+    numbers, the learning rate the epoch started with (CosineAnnealingLR(T_max=3):
+    lr, 0.75 lr, 0.25 lr), a throughput consistent with the run's time; the writer gets
+    each under "<description>/<key>" at step `epoch`, flushed once per epoch."""
+    module, variables = small_model()
+    data = splits(digits_dir, "d1")
+    per_step, labels = [], []
+    real_step = train.train_step
+
+    def spy(state, batch, **kwargs):
+        labels.append(np.asarray(batch["label"]))
+        state, metrics = real_step(state, batch, **kwargs)
+        per_step.append(jax.device_get(metrics))
+        return state, metrics
+
+    validations = iter([(0.25, 2.5), (0.5, 1.5), (0.75, 0.5)])
+
+    def scripted_evaluate(eval_step, variables, split, pipeline, sharding):
+        accuracy, loss = next(validations)
+        return {"accuracy": accuracy, "loss": loss}
+
+    monkeypatch.setattr(train, "train_step", spy)
+    monkeypatch.setattr(evaluation, "evaluate", scripted_evaluate)
+    config = recipe.TrainConfig(epochs=3, learning_rate=3e-3, schedule="cosine_per_epoch")
+    writer = _RecordingWriter()
+    result = loop.fit(
+        module,
+        variables,
+        data["train"],
+        data["validation"],
+        config=config,
+        pipeline=PIPE,
+        progress=False,
+        writer=writer,
+        description="stage",
+        seed=5,
+    )
+    steps = ip.steps_per_epoch(data["train"], PIPE.batch_size)
+    assert len(per_step) == 3 * steps
+    # each epoch: the shuffled training pass of (seed, epoch), full batches only
+    for epoch in range(3):
+        passes = ip.dataset(data["train"], PIPE, train=True, seed=5, epoch=epoch)
+        want = [b["label"] for b in itertools.islice(passes, steps)]
+        np.testing.assert_array_equal(labels[epoch * steps : (epoch + 1) * steps], want)
+    assert not np.array_equal(labels[0], labels[steps])  # epochs are shuffled anew
+    keys = [
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+        "images_per_second",
+    ]
+    for epoch, record in enumerate(result.history):
+        assert sorted(record) == sorted(["epoch", *keys])
+        assert record["epoch"] == epoch
+        mine = per_step[epoch * steps : (epoch + 1) * steps]
+        assert record["train_loss"] == pytest.approx(np.mean([m["loss"] for m in mine]))
+        assert record["train_accuracy"] == pytest.approx(
+            np.mean([m["accuracy"] for m in mine])
+        )
+        assert (record["val_accuracy"], record["val_loss"]) == [
+            (0.25, 2.5),
+            (0.5, 1.5),
+            (0.75, 0.5),
+        ][epoch]
+        assert record["learning_rate"] == pytest.approx(
+            3e-3 * [1.0, 0.75, 0.25][epoch], rel=1e-6
+        )
+    epoch_seconds = [
+        steps * PIPE.batch_size / r["images_per_second"] for r in result.history
+    ]
+    assert 0.5 * result.seconds < sum(epoch_seconds) <= result.seconds
+    assert result.best_epoch == 2 and result.best_val_accuracy == 0.75
+    assert writer.scalars == [
+        (f"stage/{key}", record[key], record["epoch"])
+        for record in result.history
+        for key in keys
+    ]
+    assert writer.flushes == 3
+
+
+def test_a_given_optimizer_replaces_the_recipes(digits_dir):
+    """`optimizer=` trains with that transformation: one that zeroes every update leaves
+    the parameters where they started (the recipe's AdamW would move them)."""
+    module, variables = small_model()
+    data = splits(digits_dir, "d1")
+    config = dataclasses.replace(FAST, epochs=1)
+    kwargs = {"config": config, "pipeline": PIPE, "progress": False}
+    frozen = loop.fit(
+        module,
+        variables,
+        data["train"],
+        data["validation"],
+        optimizer=optax.set_to_zero(),
+        **kwargs,
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal, frozen.variables["params"], variables["params"]
+    )
+    trained = loop.fit(module, variables, data["train"], data["validation"], **kwargs)
+    moved = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b),
+        trained.variables["params"],
+        variables["params"],
+    )
+    assert all(jax.tree.leaves(moved))
+
+
+def test_the_progress_bar_counts_every_step_under_the_description(digits_dir, capsys):
+    module, variables = small_model()
+    data = splits(digits_dir, "d1")
+    config = dataclasses.replace(FAST, epochs=2)
+    loop.fit(
+        module,
+        variables,
+        data["train"],
+        data["validation"],
+        config=config,
+        pipeline=PIPE,
+        progress=True,
+        description="stage 7",
+    )
+    steps = ip.steps_per_epoch(data["train"], PIPE.batch_size)
+    shown = capsys.readouterr().err
+    assert "stage 7:" in shown and f"{2 * steps}/{2 * steps}" in shown
+    assert f"0/{2 * steps}" in shown
+    loop.fit(
+        module,
+        variables,
+        data["train"],
+        data["validation"],
+        config=dataclasses.replace(FAST, epochs=1),
+        pipeline=PIPE,
+        progress=False,
+        description="quiet",
+    )
+    assert "quiet" not in capsys.readouterr().err
