@@ -1,49 +1,74 @@
 """Benchmark: peak memory against the number of sources K, per method.
 
-For each K a fresh process per mode: `grasp` restores K source checkpoints from disk one
-at a time (each loader is called when its stage starts) and runs GRASP on digits_drift;
-`hold_all` runs the same GRASP after first holding all K models at once; `fusion`
-trains the K models jointly through their mean logits for one epoch (the `fusion`
-method: K models, their gradients and AdamW state); `ties` merges the K sources with the
-streaming two-pass TIES (the weight-space merges' worst case). Peak memory is the
-process's VmHWM (peak resident set), so each run gets its own process.
-The model is a wide small_cnn (about 5.9M parameters, 24 MB per copy) so that one model
-stands out above the runtime's own footprint.
+Each point is a fresh process; its figure is that process's peak resident memory
+(VmHWM) at its end. The methods:
+- `grasp`: ours; the K source checkpoints are restored one at a time, each when its
+  stage starts;
+- `grasp_torch`: the reference's GRASP in PyTorch (REFERENCE.md 4.1-4.2): each source's
+  state dict loaded at its stage into a fresh model, a fresh AdamW per stage, a deep
+  copy of the best validation state;
+- `ensemble`: ours; the sources' logits summed one source at a time
+  (`experiments/ensembles.py`);
+- `ensemble_held`: the reference's ENSEMBLE (REFERENCE.md 5.1): all K models loaded,
+  then evaluated on validation and test;
+- `fusion`: FUSION, the K models trained jointly through their mean logits (one epoch);
+- `ties`: the K sources merged by the streaming two-pass TIES (the weight-space merges'
+  worst case).
 
-    python benchmarks/grasp_memory.py [--ks 2 4 8]
+Default: ResNet-50 with a 30-class head, batch 32, 64x64 images (digits_drift
+upsampled; the first 64 training and 32 validation and test images: this measures
+memory, not accuracy), one epoch per stage. `--model small_cnn` is a wide small CNN
+(5.9M parameters) at 32x32 on the whole split.
+
+    python benchmarks/grasp_memory.py [--ks 2 4 8 16] [--model resnet50] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
+import math
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-WIDTHS = (256, 512, 1024)
+MODES = ("grasp", "grasp_torch", "ensemble", "ensemble_held", "fusion", "ties")
+HOLDING = ("ensemble_held", "fusion")  # memory grows with K by design
+SETUPS = {  # model: (classes, image size, model keywords, split slices)
+    "resnet50": (30, 64, {}, {"train": "[:64]", "validation": "[:32]", "test": "[:32]"}),
+    "small_cnn": (10, 32, {"widths": (256, 512, 1024)}, {}),
+}
+BATCH = 32
 
 
-def child(mode: str, k: int, ckpt_dir: str, data_dir: str) -> None:
+def jax_child(mode: str, k: int, model_name: str, ckpt_dir: str, data_dir: str) -> None:
     import jax
     import tensorflow_datasets as tfds
 
-    from grasp_jax import checkpoints, grasp, memory, models
+    from grasp_jax import checkpoints, evaluation, grasp, models
     from grasp_jax import input_pipeline as ip
 
-    model = models.create("small_cnn", 10, widths=WIDTHS)
+    classes, size, keywords, slices = SETUPS[model_name]
+    model = models.create(model_name, classes, **keywords)
     abstract = jax.eval_shape(
         lambda: models.init(
-            "small_cnn", 10, jax.random.PRNGKey(0), (1, 32, 32, 3), widths=WIDTHS
+            model_name, classes, jax.random.PRNGKey(0), (1, size, size, 3), **keywords
         )
     )
 
     def loader(i):
         return lambda: checkpoints.restore_variables(Path(ckpt_dir) / f"s{i}", abstract)
 
-    splits = tfds.data_source("digits_drift/d0", data_dir=data_dir)
-    pipeline = ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32)
+    splits = {
+        split: tfds.data_source(
+            "digits_drift/d0", split=split + slices.get(split, ""), data_dir=data_dir
+        )
+        for split in ("train", "validation", "test")
+    }
+    pipeline = ip.PipelineConfig(resize_size=size, crop_size=size, batch_size=BATCH)
     if mode == "fusion":
         from grasp_jax import logit_average, loop, recipe
 
@@ -60,96 +85,201 @@ def child(mode: str, k: int, ckpt_dir: str, data_dir: str) -> None:
             pipeline=pipeline,
             progress=False,
         )
-        print(json.dumps({"peak_mb": memory.peak_host_memory_bytes() / 2**20}))
-        return
-    if mode == "ties":
+    elif mode == "ties":
         from grasp_jax import merging
 
         base = loader(0)()["params"]
         params = [lambda i=i: loader(i)()["params"] for i in range(k)]
         jax.block_until_ready(merging.merge_streaming(merging.Ties(), base, params))
-        print(json.dumps({"peak_mb": memory.peak_host_memory_bytes() / 2**20}))
-        return
-    if mode == "hold_all":  # every source in memory at once, as fusion would need
-        held = [loader(i)() for i in range(k)]
-        first = held[0]
-        sources = [(f"s{i}", lambda v=held[i]: v) for i in range(1, k)]
-    else:  # GRASP: each source restored when its stage starts
-        first = loader(0)()
+    elif mode in ("ensemble", "ensemble_held"):
+        held = [loader(i)() for i in range(k)] if mode == "ensemble_held" else None
+        for i in range(k):
+            variables = held[i] if held else loader(i)()
+            for split in ("validation", "test"):
+                evaluation.predict(model, variables, splits[split], pipeline)
+            del variables
+    else:  # grasp: each source restored when its stage starts
+        config = grasp.GraspConfig(initial_epochs=1, finetune_epochs=1, augment=False)
+        steps = grasp.default_steps(
+            model,
+            splits,
+            config=config,
+            pipeline=pipeline,
+            progress=False,
+            validate_merges=False,
+        )
         sources = [(f"s{i}", loader(i)) for i in range(1, k)]
-    config = grasp.GraspConfig(initial_epochs=1, finetune_epochs=1, augment=False)
-    steps = grasp.default_steps(
-        model,
-        splits,
-        config=config,
-        pipeline=pipeline,
-        progress=False,
-        validate_merges=False,
+        grasp.run_grasp(loader(0)(), sources, steps, config=config, key=jax.random.key(0))
+
+
+def torch_child(k: int, model_name: str, ckpt_dir: str) -> None:
+    """The reference's GRASP loop in PyTorch on random images of the same shapes."""
+    import safetensors.torch
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.torch_models import hf_model
+
+    classes, size, _, _ = SETUPS[model_name]
+    generator = torch.Generator().manual_seed(0)
+
+    def images(count):
+        x = torch.randn(count, 3, size, size, generator=generator)
+        y = torch.randint(0, classes, (count,), generator=generator)
+        return list(zip(x.split(BATCH), y.split(BATCH), strict=True))
+
+    train, validation = images(64), images(32)
+
+    def load(i):
+        model = hf_model(model_name, classes)
+        state = safetensors.torch.load_file(Path(ckpt_dir) / f"s{i}.safetensors")
+        model.load_state_dict(state)
+        return model
+
+    def gradients(model, batch):
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(batch[0]).logits, batch[1])
+        loss.backward()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    def fine_tune(model):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+        model.train()
+        for x, y in train:
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x).logits, y).backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            for x, _ in validation:
+                model(x)
+        model.load_state_dict(copy.deepcopy(model.state_dict()))  # the best-state copy
+
+    current = load(0)
+    fine_tune(current)
+    for i in range(1, k):
+        source = load(i)
+        source.eval()
+        current.train()
+        g_src, g_cur = gradients(source, train[0]), gradients(current, train[0])
+        state, source_state = current.state_dict(), source.state_dict()
+        for name, a in g_cur.items():
+            b = g_src[name]
+            score = (a.flatten() @ b.flatten()) / (a.norm() * b.norm() + 1e-8)
+            if score.item() > 0.3:
+                state[name] = source_state[name].clone()
+        current.load_state_dict(state)
+        del source, source_state, g_src, g_cur
+        fine_tune(current)
+
+
+def make_sources(model_name: str, count: int, ckpt_dir: Path) -> int:
+    """`count` distinct source checkpoints for each side; the parameter count."""
+    import jax
+    import safetensors.torch
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from grasp_jax import checkpoints, models
+    from tests.torch_models import hf_model
+
+    classes, size, keywords, _ = SETUPS[model_name]
+    base = models.init(
+        model_name, classes, jax.random.PRNGKey(0), (1, size, size, 3), **keywords
     )
-    grasp.run_grasp(first, sources, steps, config=config, key=jax.random.PRNGKey(0))
-    print(json.dumps({"peak_mb": memory.peak_host_memory_bytes() / 2**20}))
+    for i in range(count):
+        noisy = jax.tree.map(lambda x, i=i: x * (1 + 0.01 * i), base)
+        checkpoints.save_variables(ckpt_dir / f"s{i}", noisy, {})
+    if model_name in ("resnet50", "efficientnet_b1", "mobilevit_xs", "mobilevit_xxs"):
+        torch.manual_seed(0)
+        state = hf_model(model_name, classes).state_dict()
+        for i in range(count):
+            noisy = {n: (t * (1 + 0.01 * i)).contiguous() for n, t in state.items()}
+            safetensors.torch.save_file(noisy, ckpt_dir / f"s{i}.safetensors")
+    return sum(x.size for x in jax.tree.leaves(base["params"]))
+
+
+def crossing(ks: list[int], grasp: list[float], other: list[float]) -> str:
+    """The K at which `other` first rises above `grasp`, interpolated linearly in K
+    between measured points."""
+    pairs = [(k, g, o) for k, g, o in zip(ks, grasp, other, strict=True) if o == o]
+    for (k0, g0, o0), (k1, g1, o1) in itertools.pairwise(pairs):
+        if o0 <= g0 and o1 > g1:
+            return f"K = {k0 + (k1 - k0) * (g0 - o0) / ((o1 - g1) - (o0 - g0)):.1f}"
+    if pairs and pairs[0][2] > pairs[0][1]:
+        return f"already above at K = {pairs[0][0]}"
+    return "not within the measured K"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--model", choices=sorted(SETUPS), default="resnet50")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--data_dir", default="/tmp/grasp_jax_tfds")
     parser.add_argument(
         "--max_k_holding",
         type=int,
-        default=8,
+        default=16,
         help="largest K for the modes that hold all K models (memory grows with K)",
     )
     parser.add_argument("--json", help="also write the table here as JSON")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    import jax
+    if args.child:
+        mode, k, ckpt_dir = args.child
+        if mode == "grasp_torch":
+            torch_child(int(k), args.model, ckpt_dir)
+        else:
+            jax_child(mode, int(k), args.model, ckpt_dir, args.data_dir)
+        from grasp_jax import memory
+
+        print(json.dumps({"peak_mb": memory.peak_host_memory_bytes() / 2**20}))
+        return
 
     from data.build import build
-    from grasp_jax import checkpoints, models
 
     build("digits_drift", data_dir=args.data_dir, configs=["d0"])
+    modes = [m for m in MODES if m in args.modes]
+    if args.model not in ("resnet50",) and "grasp_torch" in modes:
+        modes.remove("grasp_torch")  # the PyTorch side has the zoo's HF models only
     with tempfile.TemporaryDirectory() as ckpt_dir:
-        base = models.init(
-            "small_cnn", 10, jax.random.PRNGKey(0), (1, 32, 32, 3), widths=WIDTHS
+        n_params = make_sources(args.model, max(args.ks), Path(ckpt_dir))
+        classes, size, _, _ = SETUPS[args.model]
+        print(
+            f"model: {args.model}, {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB "
+            f"per copy), {classes} classes, batch {BATCH}, {size}x{size}"
         )
-        n_params = sum(x.size for x in jax.tree.leaves(base["params"]))
-        for i in range(max(args.ks)):
-            noisy = jax.tree.map(lambda x, i=i: x * (1 + 0.01 * i), base)
-            checkpoints.save_variables(Path(ckpt_dir) / f"s{i}", noisy, {})
-        print(f"model: {n_params:,} parameters, {n_params * 4 / 2**20:.1f} MiB per copy")
-        modes = ("grasp", "hold_all", "fusion", "ties")
-        print("peak MiB per mode (VmHWM of a fresh process)")
-        print(f"{'K':>3}" + "".join(f"{m:>12}" for m in modes))
-        table = {"modes": modes, "parameters": n_params, "rows": {}}
+        print("peak MiB per method (VmHWM of a fresh process per point)")
+        print(f"{'K':>3}" + "".join(f"{m:>14}" for m in modes))
+        table = {"model": args.model, "modes": modes, "parameters": n_params, "rows": {}}
         for k in args.ks:
             peaks = []
             for mode in modes:
-                if mode in ("hold_all", "fusion") and k > args.max_k_holding:
+                if mode in HOLDING and k > args.max_k_holding:
                     peaks.append(float("nan"))
                     continue
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--child",
-                        mode,
-                        str(k),
-                        ckpt_dir,
-                        args.data_dir,
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
+                command = [sys.executable, __file__, "--model", args.model]
+                command += ["--data_dir", args.data_dir, "--child", mode, str(k), ckpt_dir]
+                out = subprocess.run(command, capture_output=True, text=True, check=False)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{mode} at K={k} failed:\n{out.stderr[-3000:]}")
                 peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
-            print(f"{k:>3}" + "".join(f"{p:>12.0f}" for p in peaks), flush=True)
+            print(f"{k:>3}" + "".join(f"{p:>14.0f}" for p in peaks), flush=True)
             table["rows"][k] = peaks
-        if args.json:
-            Path(args.json).write_text(json.dumps(table))
+    ks = list(table["rows"])
+    column = {m: [table["rows"][k][i] for k in ks] for i, m in enumerate(modes)}
+    for mode in modes:
+        first, last = column[mode][0], column[mode][-1]
+        if len(ks) > 1 and not math.isnan(last):
+            print(f"{mode}: K={ks[-1]} / K={ks[0]} = {last / first:.2f}")
+    for mode in modes:
+        if mode != "grasp":
+            above = crossing(ks, column["grasp"], column[mode])
+            print(f"{mode} rises above grasp: {above}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
-    else:
-        main()
+    main()

@@ -93,7 +93,7 @@ def memory_plot(table: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.legend()
-    ax.set_title("peak memory against K (wide small_cnn)")
+    ax.set_title(f"peak memory against K ({table['model']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -116,6 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         memory_json = Path(tmp) / "memory.json"
         ks = ["2", "4"] if args.quick else ["2", "4", "8", "16"]
+        memory = ["--model", "small_cnn"] if args.quick else []
         sections = [
             ("Merge kernel (`benchmarks/merge_kernel.py`)", run("merge_kernel.py", *quick)),
             (
@@ -127,8 +128,12 @@ def main() -> None:
                 run("throughput.py", *model_args),
             ),
             (
+                "One convolution per backend (`benchmarks/conv_backends.py`)",
+                run("conv_backends.py"),
+            ),
+            (
                 "Peak memory against K (`benchmarks/grasp_memory.py`)",
-                run("grasp_memory.py", "--ks", *ks, "--json", str(memory_json)),
+                run("grasp_memory.py", "--ks", *ks, *memory, "--json", str(memory_json)),
             ),
             ("The embedded job (`benchmarks/embedded_job.py`)", run("embedded_job.py")),
         ]

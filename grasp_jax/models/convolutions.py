@@ -10,7 +10,9 @@ backward, against XLA's own convolution:
   ~40x faster forward, ~3x faster backward than XLA's grouped convolution;
 - 1x1: one 2-D matrix product, ~10x faster forward+backward;
 - k x k with 64+ input channels, on CPU only: a matrix product over gathered patches,
-  1.3-3x faster; otherwise (and always on GPU/TPU) XLA's convolution.
+  measured 1.3-3x faster when written; with jax 0.10.2 it is 1.0-1.7x slower than XLA's
+  in isolation (`benchmarks/conv_backends.py`) and within noise in whole steps, so it
+  is up for removal; otherwise (and always on GPU/TPU) XLA's convolution.
 """
 
 from __future__ import annotations
