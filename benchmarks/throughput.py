@@ -8,10 +8,10 @@ One run measures, side by side on the same CPU, same batch and image size, float
 
 Each side runs once with glibc's default allocator and once tuned (`GLIBC_TUNABLES`:
 large thresholds for trimming and mmap, and transparent huge pages for malloc's memory,
-`glibc.malloc.hugetlb=1`); each is compared at its faster setting. Tuning makes
-PyTorch's CPU training 1.5-2.5x faster on this machine, and ours ~1.2x: XLA's CPU
-runtime takes the buffers of every step fresh from the kernel, 350-750 thousand 4 KiB
-page faults a step (0.6-1.7 s of kernel time), which huge pages cut to ~3,000.
+`glibc.malloc.hugetlb=1`); each is compared at its faster setting. On this machine
+tuning made PyTorch's CPU training 1.2-2.3x faster and ours 1.1-1.5x: XLA's CPU runtime
+takes the buffers of every step fresh from the kernel, 350-750 thousand 4 KiB page
+faults a step (0.6-1.7 s of kernel time), which huge pages cut to 1-3 thousand.
 
 Each measurement runs in its own process (glibc reads its tunables at start-up; nothing
 else is shared). Steps are timed after warm-up (compilation, allocator growth); the

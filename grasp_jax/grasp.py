@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grasp_jax import evaluation, loop, objective, recipe, seeding
+from grasp_jax import evaluation, loop, memory, objective, recipe, seeding
 from grasp_jax import input_pipeline as ip
 from grasp_jax.alignment import GRANULARITIES
 from grasp_jax.gradients import summed_gradients
@@ -176,7 +176,9 @@ def run_grasp(
 
     `later_sources` yields `(name, loader)` pairs in merge order; each loader restores one
     source's variables when called (e.g. from Orbax), so only one source is in memory.
-    A stage of 0 epochs skips its fine-tuning (to study the merges alone). Stage `s`
+    A stage of 0 epochs skips its fine-tuning (to study the merges alone). Each
+    fine-tune starts by giving the C heap's free pages back (`memory.trim_host_heap`),
+    so the last stage's freed buffers do not raise this one's peak. Stage `s`
     hands `steps` the keys `stream(key, "finetune", s)`, `stream(key, "alignment", s)`
     and `stream(key, "merge", s)`.
     """
@@ -184,6 +186,7 @@ def run_grasp(
     def finetune(variables, epochs: int, stage: int, label: str) -> FineTuned:
         if epochs == 0:
             return FineTuned(variables)
+        memory.trim_host_heap()  # the last stage's freed buffers: out of RSS, peak flat
         stage_key = seeding.stream(key, "finetune", stage)
         return steps.finetune(variables, epochs, stage_key, label)
 

@@ -1,7 +1,9 @@
-"""Peak memory of this process: host RSS everywhere, device memory where JAX reports it."""
+"""Peak memory of this process: host RSS everywhere, device memory where JAX reports it;
+and giving the C heap's free pages back between GRASP's stages."""
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import jax
@@ -49,3 +51,21 @@ def peak_device_memory_bytes() -> int | None:
         if stats and "peak_bytes_in_use" in stats:
             peaks.append(int(stats["peak_bytes_in_use"]))
     return max(peaks) if peaks else None
+
+
+def trim_host_heap() -> bool:
+    """Gives the C heap's free pages back to the system (glibc `malloc_trim(0)`); False
+    where the C library has no `malloc_trim`.
+
+    glibc keeps freed buffers below its (moving) mmap threshold resident, so every
+    model-sized set of buffers a GRASP stage frees would stay in RSS and the next stage's
+    peak would stack on it: ResNet-50's fine-tune peak crept from 2289 to 2451 MiB over
+    five stages. Trimming before each stage keeps it flat (1861-1908 MiB, measured).
+    """
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim(0)
+    return True

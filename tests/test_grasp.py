@@ -243,10 +243,12 @@ def test_alignment_batches_are_the_first_of_a_fresh_pass(splits, augment):
         assert not np.allclose(batches[0]["image"], ip.normalize(raw[0]["image"], PIPE))
 
 
-def test_stages_run_in_the_reference_order_from_the_right_state():
+def test_stages_run_in_the_reference_order_from_the_right_state(monkeypatch):
     """Spies on every step: fine-tune, then per source: align (current, train mode;
-    source, eval mode), merge, fine-tune the merged model; each from the last result."""
+    source, eval mode), merge, fine-tune the merged model; each from the last result.
+    Each fine-tune starts by trimming the C heap (the peak stays flat in K)."""
     calls = []
+    monkeypatch.setattr(grasp.memory, "trim_host_heap", lambda: calls.append(("trim",)))
     sources = {"a": 10.0, "b": 20.0}
 
     def model_vars(w):
@@ -295,14 +297,17 @@ def test_stages_run_in_the_reference_order_from_the_right_state():
         s: (int(seeding.stream(jax.random.PRNGKey(0), "alignment", s)[-1]),) for s in (1, 2)
     }
     assert calls == [
+        ("trim",),
         ("finetune", 0.0, 2, "grasp stage 0 (first)"),
         ("gradients", 1.0, True, batch[1]),  # the fine-tuned model, train mode
         ("load", "a"),  # the source is restored only after the current model's pass
         ("gradients", 10.0, False, batch[1]),
+        ("trim",),
         ("finetune", 10.0, 1, "grasp stage 1 (a)"),  # the merged model: all of source a
         ("gradients", 11.0, True, batch[2]),
         ("load", "b"),
         ("gradients", 20.0, False, batch[2]),
+        ("trim",),
         ("finetune", 20.0, 1, "grasp stage 2 (b)"),
     ]
     np.testing.assert_array_equal(result.variables["params"]["w"], 21.0)
