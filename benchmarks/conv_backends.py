@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
+
+from throughput import median_seconds
 
 SHAPES = [  # batch, height = width, in channels, out channels, kernel, stride
     (16, 56, 64, 64, 3, 1),
@@ -37,14 +37,8 @@ BACKENDS = {  # name: (worker, XLA_FLAGS)
 }
 
 
-def median_ms(run, reps: int = 5) -> float:
-    run()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def median_ms(run) -> float:
+    return 1e3 * median_seconds(run, warmup=1, steps=5)
 
 
 def _jax_times(module, x) -> tuple[float, float]:

@@ -273,7 +273,7 @@ def main() -> None:
         first, last = column[mode][0], column[mode][-1]
         if len(ks) > 1 and not math.isnan(last):
             print(f"{mode}: K={ks[-1]} / K={ks[0]} = {last / first:.2f}")
-    for mode in modes:
+    for mode in modes if "grasp" in modes else []:
         if mode != "grasp":
             above = crossing(ks, column["grasp"], column[mode])
             print(f"{mode} rises above grasp: {above}")
