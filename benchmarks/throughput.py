@@ -129,8 +129,13 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
     return {"train": batch / train_s, "eval": batch / eval_s}
 
 
-def run_worker(script: str, framework: str, name: str, args, env=None):
-    """`script --worker framework` for one model in a fresh process; its JSON answer."""
+def run_worker(script: str, framework: str, name: str, args, tuned: bool = False):
+    """`script --worker framework` for one model in a fresh process, with glibc's default
+    allocator or the tuned one (`GLIBC_TUNED`); its JSON answer."""
+    env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    if tuned:
+        env["GLIBC_TUNABLES"] = GLIBC_TUNED
     command = [sys.executable, script, "--worker", framework, "--models", name]
     command += ["--batch", str(args.batch), "--size", str(args.size)]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
@@ -138,14 +143,6 @@ def run_worker(script: str, framework: str, name: str, args, env=None):
     if done.returncode != 0:
         raise RuntimeError(f"{framework} worker for {name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _run_worker(framework: str, name: str, args, tuned: bool) -> dict:
-    env = dict(os.environ)
-    env.pop("GLIBC_TUNABLES", None)
-    if tuned:
-        env["GLIBC_TUNABLES"] = GLIBC_TUNED
-    return run_worker(__file__, framework, name, args, env)
 
 
 def main() -> None:
@@ -179,7 +176,7 @@ def main() -> None:
     for name in args.models:
         cells = [name]
         runs = {
-            side: [_run_worker(side, name, args, tuned) for tuned in (False, True)]
+            side: [run_worker(__file__, side, name, args, tuned) for tuned in (False, True)]
             for side in ("jax", "torch")
         }
         for phase in ("train", "eval"):
