@@ -241,7 +241,7 @@ def main() -> None:
 
     build("digits_drift", data_dir=args.data_dir, configs=["d0"])
     modes = [m for m in MODES if m in args.modes]
-    if args.model not in ("resnet50",) and "grasp_torch" in modes:
+    if args.model != "resnet50" and "grasp_torch" in modes:
         modes.remove("grasp_torch")  # the PyTorch side has the zoo's HF models only
     with tempfile.TemporaryDirectory() as ckpt_dir:
         n_params = make_sources(args.model, max(args.ks), Path(ckpt_dir))

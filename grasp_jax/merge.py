@@ -104,15 +104,21 @@ def _score_vector(grad_current, grad_source, eps):
     return jnp.stack(leaves) if leaves else jnp.zeros((0,), jnp.float32)
 
 
-_ONE_BYTE = {True: np.ones((), bool), False: np.zeros((), bool)}
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+# The byte every constant mask views; read-only too, so no view can be made writeable.
+_ONE_BYTE = {value: _read_only(np.full((), value)) for value in (True, False)}
 
 
 def _constant_mask(value, shape: tuple[int, ...]) -> np.ndarray:
     """A read-only bool array of `shape` that is `value` everywhere, viewing one byte
     (what `np.broadcast_to` makes, without its ~4 us of Python per leaf)."""
-    mask = np.ndarray(shape, np.bool_, _ONE_BYTE[bool(value)], 0, (0,) * len(shape))
-    mask.flags.writeable = False
-    return mask
+    return _read_only(
+        np.ndarray(shape, np.bool_, _ONE_BYTE[bool(value)], 0, (0,) * len(shape))
+    )
 
 
 def _take_whole_leaves(current, source, grad_current, grad_source, threshold, eps):
