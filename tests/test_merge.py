@@ -80,7 +80,7 @@ def test_merge_step_by_hand():
     assert stats.mask["a"].shape == (2, 3) and stats.mask["b"].shape == (4,)
     # Tensor/hard masks view one byte each: read-only, or a write would flip them all.
     assert not stats.mask["a"].flags.writeable and not stats.mask["b"].flags.writeable
-    with pytest.raises(ValueError, match="(?i)writeable"):  # nor can be made writeable
+    with pytest.raises(ValueError, match=r"(?i)writeable"):  # nor can be made writeable
         stats.mask["a"].flags.writeable = True
     assert float(stats.fraction) == pytest.approx(6 / 10)
     np.testing.assert_allclose(stats.scores["a"], 1.0, atol=1e-6)
