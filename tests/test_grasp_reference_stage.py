@@ -9,7 +9,6 @@ its running statistics.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import torch
 
@@ -33,16 +32,27 @@ def reference_stage(current, source, images, labels) -> tuple[dict, dict]:
         logits = model(torch.from_numpy(images)).logits
         torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).backward()
         grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
-    scores = {}
+    scores, norms = {}, {}
     for key, a in grads[0].items():
         b = grads[1][key]
         scores[key] = float((a.flatten() @ b.flatten()) / (a.norm() * b.norm() + 1e-8))
+        norms[key] = min(float(a.norm()), float(b.norm()))
     merged = {k: v.detach().clone() for k, v in current.state_dict().items()}
     source_state = source.state_dict()
     for key, score in scores.items():
         if score > THRESHOLD:
             merged[key] = source_state[key].detach().clone()
-    return {k: v.numpy() for k, v in merged.items()}, scores
+    return {k: v.numpy() for k, v in merged.items()}, scores, norms
+
+
+def determined(norms: dict) -> set:
+    """The parameters whose score float32 can decide. Some gradients vanish in exact
+    arithmetic (a bias followed by a train-mode BatchNorm, attention's key bias) and
+    are left as float rounding: here 16 of 251, at most 6e-8 of the largest gradient
+    norm, the others at least 4e-4. Their cosine is noise that any change of
+    summation order moves, so they are only held to moving whole."""
+    scale = max(norms.values())
+    return {k for k, n in norms.items() if n > 1e-5 * scale}
 
 
 def test_a_stage_moves_the_same_tensors_to_the_same_values():
@@ -54,7 +64,9 @@ def test_a_stage_moves_the_same_tensors_to_the_same_values():
     images = rng.normal(size=(4, 3, 96, 96)).astype(np.float32)
     labels = np.array([0, 3, 5, 9])
 
-    expected, scores = reference_stage(current, source, images, labels)
+    expected, scores, norms = reference_stage(current, source, images, labels)
+    decided = determined(norms)
+    assert len(decided) > 0.8 * len(scores)  # the noise-only ones are few
 
     module = models.create(NAME, CLASSES, **torch_models.FLAX_NO_DROPOUT[NAME])
     batches = [
@@ -75,17 +87,23 @@ def test_a_stage_moves_the_same_tensors_to_the_same_values():
     )
     got = interop.export_numpy(NAME, {"params": merged, "batch_stats": stats}, layout="hf")
 
-    moved = {k for k, s in scores.items() if s > THRESHOLD}
-    assert 0 < len(moved) < len(scores)  # a real split, not all or nothing
-    margin = min(abs(s - THRESHOLD) for s in scores.values())
+    moved = {k for k in decided if scores[k] > THRESHOLD}
+    assert 0 < len(moved) < len(decided)  # a real split, not all or nothing
+    margin = min(abs(scores[k] - THRESHOLD) for k in decided)
     assert margin > 1e-4, f"a score lies {margin:.1e} from the threshold: fragile case"
-    assert int(np.sum([np.sum(m) for m in jax.tree.leaves(merge_stats.mask)])) == sum(
-        expected[k].size for k in moved
+    taken = interop.export_numpy(
+        NAME, {"params": merge_stats.mask, "batch_stats": stats}, layout="hf"
     )
+    assert {k for k in decided if taken[k].all()} == moved
+    assert all(taken[k].all() or not taken[k].any() for k in scores)  # whole tensors
+    source_state = source.state_dict()
     for key, value in expected.items():
         if "num_batches_tracked" in key:
             continue  # a counter PyTorch keeps and we do not (unused with a momentum)
         if "running_" in key:  # statistics after the train-mode pass: numerically equal
             np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
-        else:  # parameters: copied or kept, bit for bit
+        elif key in decided:  # parameters: copied or kept as the reference, bit for bit
             np.testing.assert_array_equal(got[key], value, err_msg=key)
+        else:  # a noise score: either side's tensor, whole and unchanged
+            options = (current.state_dict()[key].numpy(), source_state[key].numpy())
+            assert any(np.array_equal(got[key], o) for o in options), key
