@@ -4,9 +4,10 @@ What stands between our training step and PyTorch's on CPU is the convolution ba
 This measures it layer by layer, side by side in one run, each backend in its own
 process: XLA's convolution with this jaxlib's defaults, XLA's with YNNPACK taking the
 dots (`--xla_cpu_experimental_ynn_fusion_type=individual_dot`, which must be set before
-JAX starts), our `Im2colConv` (a matrix product over gathered patches), and PyTorch
-(oneDNN). Shapes are ResNet-50's 3x3 convolutions at batch 16, 224 px; float32; the
-median of 5 after one warm-up; ms (lower is better).
+JAX starts), and PyTorch (oneDNN); our former patch-gathering `Im2colConv` was measured
+here too (0.85-1.7x XLA's time) before it was removed. Shapes are ResNet-50's 3x3
+convolutions at batch 16, 224 px; float32; the median of 5 after one warm-up; ms (lower
+is better).
 
     python benchmarks/conv_backends.py
 """
@@ -32,7 +33,6 @@ YNN_DOTS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
 BACKENDS = {  # name: (worker, XLA_FLAGS)
     "xla": ("xla", ""),
     "xla+ynn": ("xla", YNN_DOTS),
-    "im2col": ("im2col", ""),
     "torch": ("torch", ""),
 }
 
@@ -54,22 +54,17 @@ def _jax_times(module, x) -> tuple[float, float]:
     )
 
 
-def jax_worker(kind: str) -> list[tuple[float, float]]:
+def jax_worker() -> list[tuple[float, float]]:
     import flax.linen as nn
     import jax.numpy as jnp
     import numpy as np
-
-    from grasp_jax.models.convolutions import Im2colConv
 
     out = []
     for batch, size, cin, cout, k, s in SHAPES:
         x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, cin)))
         x = x.astype(jnp.float32)
         pad = ((k // 2, k // 2), (k // 2, k // 2))
-        if kind == "im2col":
-            module = Im2colConv(cout, k, s, pad)
-        else:
-            module = nn.Conv(cout, (k, k), strides=(s, s), padding=pad, use_bias=False)
+        module = nn.Conv(cout, (k, k), strides=(s, s), padding=pad, use_bias=False)
         out.append(_jax_times(module, x))
     return out
 
@@ -103,10 +98,10 @@ def _torch_times(conv, x) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worker", choices=["xla", "im2col", "torch"])
+    parser.add_argument("--worker", choices=["xla", "torch"])
     args = parser.parse_args()
     if args.worker:
-        times = torch_worker() if args.worker == "torch" else jax_worker(args.worker)
+        times = torch_worker() if args.worker == "torch" else jax_worker()
         print(json.dumps(times))
         return
     results = {}

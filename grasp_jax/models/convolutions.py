@@ -9,10 +9,11 @@ backward, against XLA's own convolution:
 - depthwise (groups = channels): shifted-slice sums with a hand-written gradient,
   ~40x faster forward, ~3x faster backward than XLA's grouped convolution;
 - 1x1: one 2-D matrix product, ~10x faster forward+backward;
-- k x k with 64+ input channels, on CPU only: a matrix product over gathered patches,
-  measured 1.3-3x faster when written; with jax 0.10.2 it is 1.0-1.7x slower than XLA's
-  in isolation (`benchmarks/conv_backends.py`) and within noise in whole steps, so it
-  is up for removal; otherwise (and always on GPU/TPU) XLA's convolution.
+- k x k (groups = 1): XLA's own convolution. A matrix product over gathered patches
+  (im2col, CPU only) was measured 1.3-3x faster when written; with jax 0.10.2 it took
+  0.85-1.7x XLA's time in isolation (`benchmarks/conv_backends.py`, slower on most of
+  ResNet-50's 3x3 shapes), was within noise in whole ResNet-50 steps, and raised their
+  peak memory by 0.6-0.8 GiB (batch 16, 224 px), so it was removed.
 """
 
 from __future__ import annotations
@@ -146,42 +147,6 @@ class PointwiseConv(nn.Module):
         return _add_bias(matmul_last_axis(x, kernel[0, 0].astype(self.dtype)), bias)
 
 
-class Im2colConv(nn.Module):
-    """A `Conv2d` as one matrix product over gathered patches when it has 64+ input
-    channels, XLA's convolution below that (where XLA's is faster)."""
-
-    features: int
-    kernel_size: int
-    stride: int
-    padding: Sequence[tuple[int, int]]
-    use_bias: bool = False
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k, s, channels = self.kernel_size, self.stride, x.shape[-1]
-        kernel, bias = _kernel_and_bias(
-            self, (k, k, channels, self.features), self.use_bias
-        )
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if channels < 64:
-            out = jax.lax.conv_general_dilated(
-                x, kernel, (s, s), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-            return _add_bias(out, bias)
-        padded = jnp.pad(x, ((0, 0), *self.padding, (0, 0)))
-        height = (padded.shape[1] - k) // s + 1
-        width = (padded.shape[2] - k) // s + 1
-        taps = [
-            padded[:, i : i + s * (height - 1) + 1 : s, j : j + s * (width - 1) + 1 : s]
-            for i in range(k)
-            for j in range(k)
-        ]
-        patches = jnp.concatenate(taps, axis=-1).reshape(-1, k * k * channels)
-        out = jnp.dot(patches, kernel.reshape(-1, self.features))
-        return _add_bias(out.reshape(x.shape[0], height, width, self.features), bias)
-
-
 def conv(
     features: int,
     kernel: int,
@@ -204,8 +169,6 @@ def conv(
         return DepthwiseConv(features, kernel, stride, padding, bias, dtype, name=name)
     if kernel == 1 and groups == 1 and padding == ((0, 0), (0, 0)):
         return PointwiseConv(features, stride, bias, dtype, name=name)
-    if groups == 1 and jax.default_backend() == "cpu":
-        return Im2colConv(features, kernel, stride, padding, bias, dtype, name=name)
     return nn.Conv(
         features,
         (kernel, kernel),
