@@ -14,7 +14,7 @@ run: $(STAMP)
 
 # Every benchmark in one run (merge kernel, GRASP stage, throughput against PyTorch,
 # memory against K, the embedded job), written to benchmarks/results/<date>-<machine>.md
-# (README, "Performance"); an estimated 1.5-2 h on 2 CPU cores.
+# (README, "Performance"); about 1 h on 2 CPU cores.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 

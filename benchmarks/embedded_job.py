@@ -7,7 +7,9 @@ compilation and the rest, in a fresh work directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +42,8 @@ def main() -> None:
     config = importlib.import_module(f"experiments.configs.{args.config}").get_config()
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        runner.run_experiment(config, Path(workdir), progress=False)
+        with contextlib.redirect_stdout(sys.stderr):  # TFDS's build messages: not figures
+            runner.run_experiment(config, Path(workdir), progress=False)
         wall = time.perf_counter() - start
     compiled = sum(compile_seconds.values())
     print(
