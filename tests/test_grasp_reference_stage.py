@@ -19,11 +19,11 @@ from tests import torch_models
 NAME, CLASSES, THRESHOLD = "mobilevit_xxs", 10, 0.3
 
 
-def reference_stage(current, source, images, labels) -> tuple[dict, dict]:
+def reference_stage(current, source, images, labels) -> tuple[dict, dict, dict]:
     """The reference's alignment and transfer: summed per-parameter gradients of both
     models on the batch (current in train mode, source in eval mode), cosine scores
     `dot / (|a| |b| + 1e-8)`, and every parameter scoring above the threshold copied
-    from the source. Buffers never move."""
+    from the source. Buffers never move. Also each parameter's smaller gradient norm."""
     current.train()
     source.eval()
     grads = []
