@@ -21,7 +21,15 @@ import statistics
 import sys
 import time
 
-from throughput import MODELS, NUM_CLASSES, ROOT, median_seconds, run_worker
+from throughput import (
+    MODELS,
+    NUM_CLASSES,
+    ROOT,
+    allocator_settings,
+    median_seconds,
+    run_worker,
+    torch_device,
+)
 
 
 def measure_jax(name: str, batch: int, size: int, warmup: int, steps: int) -> float:
@@ -77,10 +85,11 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
     sys.path.insert(0, str(ROOT))
     from tests.torch_models import hf_model
 
+    device, synchronize = torch_device()
     torch.manual_seed(0)
-    current, source = hf_model(name, NUM_CLASSES), hf_model(name, NUM_CLASSES)
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.randint(0, NUM_CLASSES, (batch,))
+    current, source = (hf_model(name, NUM_CLASSES).to(device) for _ in range(2))
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
     def gradients(model, train: bool) -> dict:
         model.train(train)
@@ -98,6 +107,7 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
             if score > 0.3:
                 state[n] = source_state[n].clone()
         current.load_state_dict(state)
+        synchronize()
 
     return median_seconds(stage, warmup, steps)
 
@@ -109,6 +119,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--allocators", choices=["both", "default"], default="both")
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -122,17 +133,20 @@ def main() -> None:
     print(
         f"one GRASP stage: two gradients (batch {args.batch}, {args.size}x{args.size}, "
         f"float32) and the merge; median of {args.steps} after {args.warmup} warm-up; "
-        "seconds at glibc's default allocator / tuned (lower is better)"
+        "seconds at glibc's default allocator / tuned where both ran (lower is better)"
     )
     print("| model | JAX s | PyTorch (reference's way) s | speed-up (faster of each) |")
     print("|---|---|---|---|")
     for name in args.models:
         runs = {
-            side: [run_worker(__file__, side, name, args, tuned) for tuned in (False, True)]
+            side: [
+                run_worker(__file__, side, name, args, tuned)
+                for tuned in allocator_settings(args)
+            ]
             for side in ("jax", "torch")
         }
         ours, theirs = min(runs["jax"]), min(runs["torch"])
-        cells = [f"{default:.2f} / {tuned:.2f}" for default, tuned in runs.values()]
+        cells = [" / ".join(f"{t:.2f}" for t in times) for times in runs.values()]
         print(f"| {name} | {' | '.join(cells)} | {theirs / ours:.2f}x |", flush=True)
 
 

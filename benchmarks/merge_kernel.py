@@ -88,12 +88,16 @@ def time_torch_foreach(trees_np, reps: int, threshold: float = 0.3) -> list[floa
     except ImportError:
         return None
     torch.set_num_threads(os.cpu_count() or 1)
-    grads = [[torch.from_numpy(v) for v in t.values()] for t in trees_np[2:]]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where JAX runs too
+    grads = [[torch.from_numpy(v).to(device) for v in t.values()] for t in trees_np[2:]]
     timings = []
     for _ in range(reps):
         current, source = (
-            [torch.from_numpy(v.copy()) for v in t.values()] for t in trees_np[:2]
+            [torch.from_numpy(v).to(device, copy=True) for v in t.values()]
+            for t in trees_np[:2]
         )
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             dots = torch.stack(
@@ -106,6 +110,8 @@ def time_torch_foreach(trees_np, reps: int, threshold: float = 0.3) -> list[floa
             for cur, src, take in zip(current, source, taken, strict=True):
                 if take:
                     cur.copy_(src)
+            if device == "cuda":
+                torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
     return timings
 

@@ -3,7 +3,8 @@
 machine, the library versions, the memory bandwidth measured in the same run, and each
 benchmark's figures with their ratios to the bound and to PyTorch.
 
-    python benchmarks/run_all.py [--quick]   # --quick: one model, fewer repetitions
+    python benchmarks/run_all.py [--quick] [--sections merge stage ...]
+    # --quick: one model, fewer repetitions
 """
 
 from __future__ import annotations
@@ -99,48 +100,65 @@ def memory_plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+SECTIONS = {  # name: (title, script)
+    "merge": ("Merge kernel", "merge_kernel.py"),
+    "stage": ("One GRASP stage", "grasp_stage.py"),
+    "throughput": ("Training and evaluation", "throughput.py"),
+    "conv": ("One convolution per backend", "conv_backends.py"),
+    "memory": ("Peak memory against K", "grasp_memory.py"),
+    "embedded": ("The embedded job", "embedded_job.py"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS)
+    )
+    parser.add_argument("--models", nargs="+", help="for the GRASP stage and throughput")
     args = parser.parse_args()
     info = machine()
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{info['cpu']}-{info['cores']}cores".lower()).strip(
-        "-"
-    )
+    name = info["cpu"] if info["device"].startswith("cpu") else info["device"]
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{name}-{info['cores']}cores".lower()).strip("-")
     stem = f"{datetime.date.today().isoformat()}-{slug}"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     quick = ["--only", "mobilevit_xxs", "--reps", "3"] if args.quick else []
     model_args = ["--models", "mobilevit_xxs"] if args.quick else []
+    if args.models:
+        model_args = ["--models", *args.models]
+    # glibc's allocator settings matter for XLA's CPU runtime only.
+    if not info["device"].startswith("cpu"):
+        model_args += ["--allocators", "default"]
     with tempfile.TemporaryDirectory() as tmp:
         memory_json = Path(tmp) / "memory.json"
         ks = ["2", "4"] if args.quick else ["2", "4", "8", "16"]
         memory = ["--model", "small_cnn"] if args.quick else []
-        sections = [
-            ("Merge kernel (`benchmarks/merge_kernel.py`)", run("merge_kernel.py", *quick)),
-            (
-                "One GRASP stage (`benchmarks/grasp_stage.py`)",
-                run("grasp_stage.py", *model_args),
-            ),
-            (
-                "Training and evaluation (`benchmarks/throughput.py`)",
-                run("throughput.py", *model_args),
-            ),
-            (
-                "One convolution per backend (`benchmarks/conv_backends.py`)",
-                run("conv_backends.py"),
-            ),
-            (
-                "Peak memory against K (`benchmarks/grasp_memory.py`)",
-                run("grasp_memory.py", "--ks", *ks, *memory, "--json", str(memory_json)),
-            ),
-            ("The embedded job (`benchmarks/embedded_job.py`)", run("embedded_job.py")),
-        ]
+        extra = {
+            "merge": quick,
+            "stage": model_args,
+            "throughput": model_args,
+            "conv": [],
+            "memory": ["--ks", *ks, *memory, "--json", str(memory_json)],
+            "embedded": [],
+        }
+        path, sections = out_dir / f"{stem}.md", []
+        for key in (key for key in SECTIONS if key in args.sections):
+            title, script = SECTIONS[key]
+            sections.append((f"{title} (`benchmarks/{script}`)", run(script, *extra[key])))
+            write_results(path, info, sections, None)  # what ran so far survives a stop
         plot = None
         if memory_json.exists():
             plot = out_dir / f"{stem}-memory.png"
             memory_plot(json.loads(memory_json.read_text()), plot)
+    write_results(path, info, sections, plot)
+    print(path)
+
+
+def write_results(path: Path, info: dict, sections: list, plot: Path | None) -> None:
+    """The results file, written whole to a temporary name and renamed into place."""
     lines = [
         f"# Benchmarks, {datetime.date.today().isoformat()}",
         "",
@@ -160,11 +178,9 @@ def main() -> None:
         lines += [f"## {title}", "", f"({seconds:.0f} s)", "", "```", text, "```", ""]
     if plot is not None:
         lines += [f"![peak memory against K]({plot.name})", ""]
-    path = out_dir / f"{stem}.md"
     tmp_path = path.with_suffix(".md.tmp")
     tmp_path.write_text("\n".join(lines))
     os.replace(tmp_path, path)
-    print(path)
 
 
 if __name__ == "__main__":

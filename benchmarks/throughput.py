@@ -40,6 +40,16 @@ GLIBC_TUNED = (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def torch_device():
+    """CUDA where PyTorch sees a GPU (then JAX runs there too), else the CPU; and a
+    function that waits for the device's queued work."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.cuda.synchronize
+    return torch.device("cpu"), lambda: None
+
+
 def median_seconds(step, warmup: int, steps: int) -> float:
     for _ in range(warmup):
         step()
@@ -106,11 +116,12 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
     sys.path.insert(0, str(ROOT))
     from tests.torch_models import hf_model
 
+    device, synchronize = torch_device()
     torch.manual_seed(0)
-    model = hf_model(name, NUM_CLASSES)
+    model = hf_model(name, NUM_CLASSES).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.randint(0, NUM_CLASSES, (batch,))
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
     def train_step():
         model.train()
@@ -118,11 +129,13 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
         logits = model(images).logits
         torch.nn.functional.cross_entropy(logits, labels).backward()
         optimizer.step()
+        synchronize()
 
     def eval_step():
         model.eval()
         with torch.inference_mode():
             model(images)
+        synchronize()
 
     train_s = median_seconds(train_step, warmup, steps)
     eval_s = median_seconds(eval_step, warmup, steps)
@@ -145,6 +158,11 @@ def run_worker(script: str, framework: str, name: str, args, tuned: bool = False
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def allocator_settings(args) -> tuple[bool, ...]:
+    """The `tuned` values to run each side with."""
+    return (False, True) if args.allocators == "both" else (False,)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
@@ -152,6 +170,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--allocators",
+        choices=["both", "default"],
+        default="both",
+        help="glibc's default and tuned allocator, or the default only (e.g. on GPU)",
+    )
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -166,25 +190,26 @@ def main() -> None:
         f"steps after {args.warmup} warm-up; {os.cpu_count()} CPUs; images/s (higher is "
         "better)"
     )
+    settings = allocator_settings(args)
+    which = " (default / tuned)" if len(settings) == 2 else ""
     header = (
-        "| model | JAX train (default / tuned) | PyTorch train (default / tuned) "
-        "| train ratio | JAX eval (default / tuned) | PyTorch eval (default / tuned) "
-        "| eval ratio |"
+        f"| model | JAX train{which} | PyTorch train{which} | train ratio "
+        f"| JAX eval{which} | PyTorch eval{which} | eval ratio |"
     )
     print(header)
     print("|" + "---|" * 7)
     for name in args.models:
         cells = [name]
         runs = {
-            side: [run_worker(__file__, side, name, args, tuned) for tuned in (False, True)]
+            side: [run_worker(__file__, side, name, args, tuned) for tuned in settings]
             for side in ("jax", "torch")
         }
         for phase in ("train", "eval"):
             best = {}
             for side in ("jax", "torch"):
-                default, tuned = (run[phase] for run in runs[side])
-                best[side] = max(default, tuned)
-                cells.append(f"{default:.1f} / {tuned:.1f}")
+                rates = [run[phase] for run in runs[side]]
+                best[side] = max(rates)
+                cells.append(" / ".join(f"{rate:.1f}" for rate in rates))
             cells.append(f"{best['jax'] / best['torch']:.2f}x")
         print("| " + " | ".join(cells) + " |", flush=True)
 
