@@ -75,7 +75,9 @@ def run(script: str, *args: str) -> tuple[str, float]:
         check=False,
     )
     if done.returncode != 0:
-        return f"FAILED (exit {done.returncode}):\n{done.stderr[-2000:]}", 0.0
+        err = done.stderr
+        shown = err if len(err) <= 4000 else f"{err[:2000]}\n[...]\n{err[-2000:]}"
+        return f"FAILED (exit {done.returncode}):\n{shown}", time.perf_counter() - start
     return done.stdout.strip(), time.perf_counter() - start
 
 
