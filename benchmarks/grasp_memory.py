@@ -42,6 +42,15 @@ SETUPS = {  # model: (classes, image size, model keywords, split slices)
     "small_cnn": (10, 32, {"widths": (256, 512, 1024)}, {}),
 }
 BATCH = 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def has_torch_side(model_name: str) -> bool:
+    """Whether the PyTorch side can build `model_name` (the zoo's HF architectures)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.torch_models import HF_CONFIGS
+
+    return model_name in HF_CONFIGS
 
 
 def jax_child(mode: str, k: int, model_name: str, ckpt_dir: str, data_dir: str) -> None:
@@ -117,7 +126,7 @@ def torch_child(k: int, model_name: str, ckpt_dir: str) -> None:
     import safetensors.torch
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
     from tests.torch_models import hf_model
 
     classes, size, _, _ = SETUPS[model_name]
@@ -179,7 +188,7 @@ def make_sources(model_name: str, count: int, ckpt_dir: Path) -> int:
     import safetensors.torch
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
     from grasp_jax import checkpoints, models
     from tests.torch_models import hf_model
 
@@ -190,7 +199,7 @@ def make_sources(model_name: str, count: int, ckpt_dir: Path) -> int:
     for i in range(count):
         noisy = jax.tree.map(lambda x, i=i: x * (1 + 0.01 * i), base)
         checkpoints.save_variables(ckpt_dir / f"s{i}", noisy, {})
-    if model_name in ("resnet50", "efficientnet_b1", "mobilevit_xs", "mobilevit_xxs"):
+    if has_torch_side(model_name):
         torch.manual_seed(0)
         state = hf_model(model_name, classes).state_dict()
         for i in range(count):
@@ -241,8 +250,8 @@ def main() -> None:
 
     build("digits_drift", data_dir=args.data_dir, configs=["d0"])
     modes = [m for m in MODES if m in args.modes]
-    if args.model != "resnet50" and "grasp_torch" in modes:
-        modes.remove("grasp_torch")  # the PyTorch side has the zoo's HF models only
+    if not has_torch_side(args.model) and "grasp_torch" in modes:
+        modes.remove("grasp_torch")
     with tempfile.TemporaryDirectory() as ckpt_dir:
         n_params = make_sources(args.model, max(args.ks), Path(ckpt_dir))
         classes, size, _, _ = SETUPS[args.model]

@@ -87,8 +87,10 @@ def time_torch_foreach(trees_np, reps: int, threshold: float = 0.3) -> list[floa
         import torch
     except ImportError:
         return None
+    from throughput import torch_device
+
     torch.set_num_threads(os.cpu_count() or 1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where JAX runs too
+    device, synchronize = torch_device()
     grads = [[torch.from_numpy(v).to(device) for v in t.values()] for t in trees_np[2:]]
     timings = []
     for _ in range(reps):
@@ -96,8 +98,7 @@ def time_torch_foreach(trees_np, reps: int, threshold: float = 0.3) -> list[floa
             [torch.from_numpy(v).to(device, copy=True) for v in t.values()]
             for t in trees_np[:2]
         )
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             dots = torch.stack(
@@ -110,8 +111,7 @@ def time_torch_foreach(trees_np, reps: int, threshold: float = 0.3) -> list[floa
             for cur, src, take in zip(current, source, taken, strict=True):
                 if take:
                     cur.copy_(src)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            synchronize()
         timings.append(time.perf_counter() - start)
     return timings
 

@@ -96,7 +96,7 @@ def test_a_stage_moves_the_same_tensors_to_the_same_values():
     )
     assert {k for k in decided if taken[k].all()} == moved
     assert all(taken[k].all() or not taken[k].any() for k in scores)  # whole tensors
-    source_state = source.state_dict()
+    current_state, source_state = current.state_dict(), source.state_dict()
     for key, value in expected.items():
         if "num_batches_tracked" in key:
             continue  # a counter PyTorch keeps and we do not (unused with a momentum)
@@ -105,5 +105,5 @@ def test_a_stage_moves_the_same_tensors_to_the_same_values():
         elif key in decided:  # parameters: copied or kept as the reference, bit for bit
             np.testing.assert_array_equal(got[key], value, err_msg=key)
         else:  # a noise score: either side's tensor, whole and unchanged
-            options = (current.state_dict()[key].numpy(), source_state[key].numpy())
+            options = (current_state[key].numpy(), source_state[key].numpy())
             assert any(np.array_equal(got[key], o) for o in options), key
