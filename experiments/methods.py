@@ -45,7 +45,7 @@ TRANSFER_KEYS = (
 )
 
 
-def run_grasp(ctx: Context, merge=grasp.aligned_merge) -> MethodResult:
+def run_grasp(ctx: Context, rule: str = "aligned") -> MethodResult:
     cfg = settings.grasp(ctx.config)
     first, *later = ctx.source_bins
     steps = grasp.default_steps(
@@ -54,7 +54,7 @@ def run_grasp(ctx: Context, merge=grasp.aligned_merge) -> MethodResult:
         config=cfg,
         pipeline=ctx.pipeline,
         progress=ctx.progress,
-        merge=merge,
+        rule=rule,
     )
 
     def finetune(variables, epochs, key, label):  # the reference's memory samples
@@ -221,7 +221,7 @@ REGISTRY: dict[str, Method] = {
         ),
         Method(
             "grasp_random",
-            functools.partial(run_grasp, merge=grasp.random_merge),
+            functools.partial(run_grasp, rule="random"),
             _grasp_settings,
             folder_suffix=grasp_folder_suffix,
             flops=grasp_flops,

@@ -221,18 +221,18 @@ class TrainProgress:
             ),
         )
 
-    def restore(self, state, sharding) -> tuple[Any, dict, list[dict]]:
-        """The last epoch's (state, best, history), the state placed like `sharding`."""
+    def restore(self, state) -> tuple[Any, dict, list[dict]]:
+        """The last epoch's (state, best, history), each array placed as the matching
+        array of `state` is (a sharded model stays sharded; nothing lands on the host)."""
         abstract_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
         )
-        host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         restored = self._manager.restore(
             self.last_epoch(),
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                best_params=ocp.args.StandardRestore(host.params),
-                best_batch_stats=ocp.args.StandardRestore(host.batch_stats),
+                best_params=ocp.args.StandardRestore(abstract_state.params),
+                best_batch_stats=ocp.args.StandardRestore(abstract_state.batch_stats),
                 progress=ocp.args.JsonRestore(),
             ),
         )
@@ -240,20 +240,16 @@ class TrainProgress:
         best = {
             "accuracy": progress["best_accuracy"],
             "epoch": progress["best_epoch"],
-            "variables": to_host(
-                {"params": restored.best_params, "batch_stats": restored.best_batch_stats}
-            ),
+            "variables": {
+                "params": restored.best_params,
+                "batch_stats": restored.best_batch_stats,
+            },
         }
         return restored.state, best, progress["history"]
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def to_host(tree: PyTree) -> PyTree:
-    """NumPy copies of a tree's arrays (what a run keeps of its best epoch)."""
-    return jax.tree.map(np.asarray, tree)
 
 
 def library_versions() -> dict[str, str]:

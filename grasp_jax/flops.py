@@ -8,8 +8,7 @@ import jax.numpy as jnp
 
 from grasp_jax import input_pipeline as ip
 from grasp_jax import recipe, train
-from grasp_jax.alignment import alignment_scores
-from grasp_jax.merge import merge_program
+from grasp_jax.merge import merge_step
 
 
 def cost_analysis(lowered) -> dict:
@@ -45,15 +44,8 @@ def step_flops(model, abstract_variables: dict, pipeline: ip.PipelineConfig) -> 
 
 
 def merge_flops(abstract_params, granularity: str = "tensor", mode: str = "hard") -> float:
-    """FLOPs of one `merge_step` on trees of these shapes: for tensor/hard the score
-    program it runs (the leaves are then handed over, not computed), else its fused
-    program."""
-    if (granularity, mode) == ("tensor", "hard"):
-        lowered = alignment_scores.lower(
-            abstract_params, abstract_params, granularity="tensor"
-        )
-        return lowered_flops(lowered)
-    lowered = merge_program.lower(
-        *[abstract_params] * 4, 0.3, 1e-8, granularity=granularity, mode=mode
+    """FLOPs of one `merge_step` on trees of these shapes (its compiled program)."""
+    lowered = merge_step.lower(
+        *[abstract_params] * 4, threshold=0.3, granularity=granularity, mode=mode
     )
     return lowered_flops(lowered)

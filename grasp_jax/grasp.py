@@ -7,10 +7,11 @@ dropout is on and its BatchNorm statistics move, as in the reference; the source
 mode), `merge_step`, then fine-tune for `finetune_epochs`. BatchNorm statistics never
 transfer. Only the current model and the one source being merged are alive at any time.
 
-`run_grasp` only sequences. How to fine-tune, which batches to align on and how to take
-gradients are `GraspSteps`, plain functions: `default_steps` builds them on the library's
+`run_grasp` only sequences. How to fine-tune, which batches to align on and how to run a
+stage are `GraspSteps`, plain functions: `default_steps` builds them on the library's
 `loop.fit` (a fresh AdamW with a per-epoch cosine, best-validation restore, as the
-reference), and a user's own training loop can supply its own.
+reference) and runs each stage's alignment and merge as one XLA program
+(`library_stage`); a user's own training loop can supply its own.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ import numpy as np
 from grasp_jax import evaluation, loop, memory, objective, recipe, seeding
 from grasp_jax import input_pipeline as ip
 from grasp_jax.alignment import GRANULARITIES
-from grasp_jax.gradients import summed_gradients
-from grasp_jax.merge import merge_step, random_merge_step
+from grasp_jax.stage import RULES, grasp_stage
 from grasp_jax.transfer import MODES
 from grasp_jax.tree_checks import PyTree, leaves_with_paths
 
@@ -95,51 +95,23 @@ class FineTuned(NamedTuple):
     history: Sequence[dict] = ()
 
 
-def aligned_merge(current, source, grad_current, grad_source, config, key):
-    """GRASP's merge: `merge_step` with the config's threshold, granularity and mode.
-    `current` is consumed (its buffers become the merged tree)."""
-    del key  # deterministic
-    return merge_step(
-        current,
-        source,
-        grad_current,
-        grad_source,
-        threshold=config.threshold,
-        granularity=config.granularity,
-        mode=config.mode,
-    )
-
-
-def random_merge(current, source, grad_current, grad_source, config, key):
-    """The `grasp_random` control: as many units as GRASP would take, chosen at random."""
-    return random_merge_step(
-        current,
-        source,
-        grad_current,
-        grad_source,
-        key=key,
-        threshold=config.threshold,
-        granularity=config.granularity,
-    )
-
-
 class GraspSteps(NamedTuple):
     """The training pieces `run_grasp` sequences, as plain functions.
 
     finetune(variables, epochs, key, label) -> FineTuned
     alignment_batches(key) -> the batches both models are scored on
-    gradients(variables, batches, train_mode) -> (summed params gradients, batch_stats
-        after the batches: moved in train mode, unchanged in eval mode)
+    stage(current, source, batches, alignment_key, merge_key) -> (variables,
+        MergeStats): both models' gradients on the batches and the merge, e.g. one
+        `stage.grasp_stage` program; `current` may be consumed (donated)
     validate(variables) -> validation accuracy, recorded around each merge (optional)
-    merge(current, source, grad_current, grad_source, config, key) -> (params,
-        MergeStats): GRASP's `aligned_merge` unless a study swaps it
     """
 
     finetune: Callable[[Variables, int, jax.Array, str], FineTuned]
-    alignment_batches: Callable[[jax.Array], Sequence[Any]]
-    gradients: Callable[[Variables, Sequence[Any], bool], tuple[PyTree, PyTree]]
+    alignment_batches: Callable[[jax.Array], Any]
+    stage: Callable[
+        [Variables, Variables, Any, jax.Array, jax.Array], tuple[Variables, Any]
+    ]
     validate: Callable[[Variables], float] | None = None
-    merge: Callable[..., tuple[PyTree, Any]] = aligned_merge
 
 
 @dataclasses.dataclass
@@ -180,7 +152,8 @@ def run_grasp(
     fine-tune starts by giving the C heap's free pages back (`memory.trim_host_heap`),
     so the last stage's freed buffers do not raise this one's peak. Stage `s`
     hands `steps` the keys `stream(key, "finetune", s)`, `stream(key, "alignment", s)`
-    and `stream(key, "merge", s)`.
+    and `stream(key, "merge", s)`. `first_source` is never consumed; every later
+    model is the run's own and is donated to the next stage.
     """
 
     def finetune(variables, epochs: int, stage: int, label: str) -> FineTuned:
@@ -193,9 +166,9 @@ def run_grasp(
     def validate(variables):
         return None if steps.validate is None else steps.validate(variables)
 
-    tuned = finetune(
-        first_source, config.initial_epochs, 0, f"grasp stage 0 ({first_name})"
-    )
+    # The first stage's model is donated to the first merge: never the caller's arrays.
+    start = first_source if config.initial_epochs else _own_copy(first_source)
+    tuned = finetune(start, config.initial_epochs, 0, f"grasp stage 0 ({first_name})")
     current = tuned.variables
     stages = [
         StageStats(
@@ -210,11 +183,11 @@ def run_grasp(
         if config.num_alignment_batches == 0:
             # As the reference: no gradients, no scores, nothing moves (and the source
             # is never read).
-            stats.fraction_by_layer = fraction_by_layer(
-                jax.tree.map(lambda p: np.zeros((), bool), current["params"])
-            )
+            stats.fraction_by_layer = {
+                path: 0.0 for path, _ in leaves_with_paths(current["params"])
+            }
         else:
-            current = _align_and_merge(current, load, steps, config, stats, key, stage)
+            current = _align_and_merge(current, load, steps, stats, key, stage)
         stats.val_accuracy_after_merge = validate(current)
         tuned = finetune(
             current, config.finetune_epochs, stage, f"grasp stage {stage} ({name})"
@@ -226,42 +199,49 @@ def run_grasp(
     return GraspResult(variables=current, stages=stages)
 
 
-def _align_and_merge(current, load, steps, config, stats, key, stage) -> Variables:
-    """One stage's alignment and merge; fills the merge fields of `stats`."""
-    batches = steps.alignment_batches(seeding.stream(key, "alignment", stage))
-    train_mode = config.alignment_current_mode == "train"
-    grad_current, current_stats = steps.gradients(current, batches, train_mode)
+def _own_copy(variables: Variables) -> Variables:
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), variables)
+
+
+def _align_and_merge(current, load, steps, stats, key, stage) -> Variables:
+    """One stage's alignment and merge (`current` is consumed); fills the merge fields
+    of `stats` from one read of the merge's small statistics."""
+    alignment_key = seeding.stream(key, "alignment", stage)
+    batches = steps.alignment_batches(alignment_key)
     source = load()
-    grad_source, _ = steps.gradients(source, batches, False)
-    merged, merge_stats = steps.merge(
-        jax.tree.map(jnp.array, current["params"]),  # a copy: the merge consumes it
-        source["params"],
-        grad_current,
-        grad_source,
-        config,
-        seeding.stream(key, "merge", stage),
+    merged, merge_stats = steps.stage(
+        current, source, batches, alignment_key, seeding.stream(key, "merge", stage)
     )
-    del source, grad_source  # the source's arrays were consumed by merge_step
-    stats.fraction = float(merge_stats.fraction)
-    stats.fraction_by_layer = fraction_by_layer(merge_stats.mask)
-    stats.n_transferred = int(
-        sum(int(np.sum(m)) for m in jax.tree.leaves(merge_stats.mask))
+    del source  # nothing of the source outlives its stage
+    fraction, nonfinite, taken = jax.device_get(
+        (merge_stats.fraction, merge_stats.nonfinite, merge_stats.taken)
     )
-    stats.nonfinite_leaves = int(merge_stats.nonfinite)
-    return {"params": merged, "batch_stats": current_stats}
+    stats.fraction = float(fraction)
+    stats.fraction_by_layer = fraction_by_layer(taken, merged["params"])
+    stats.n_transferred = int(sum(int(t) for t in jax.tree.leaves(taken)))
+    stats.nonfinite_leaves = int(nonfinite)
+    return merged
 
 
-def fraction_by_layer(mask) -> dict[str, float]:
-    return {path: float(np.mean(np.asarray(m))) for path, m in leaves_with_paths(mask)}
+def fraction_by_layer(taken: PyTree, params: PyTree) -> dict[str, float]:
+    """Share of each parameter leaf taken from the source, by path, from the merge's
+    per-leaf element counts (`MergeStats.taken`, read to the host)."""
+    return {
+        path: int(count) / max(int(np.size(param)), 1)
+        for (path, count), (_, param) in zip(
+            leaves_with_paths(taken), leaves_with_paths(params), strict=True
+        )
+    }
 
 
 def alignment_batches(
     train_split, pipeline: ip.PipelineConfig, config: GraspConfig, key: jax.Array
-) -> list[dict]:
+) -> dict[str, np.ndarray]:
     """The first `num_alignment_batches` of a fresh pass over the target train split,
-    preprocessed once so both models see the same images (as in the reference). Each
-    batch carries the dropout key (`rng`) its train-mode forward pass uses. Every
-    process reads the whole split, so all of them score (and merge) alike."""
+    stacked on a leading axis as host arrays (uint8 `image`, `label`): the stage
+    program preprocesses each once, with keys it derives from the stage's, so both
+    models see the same images (as in the reference). Every process reads the whole
+    split, so all of them score (and merge) alike."""
     batches = ip.dataset(
         train_split,
         pipeline,
@@ -271,33 +251,88 @@ def alignment_batches(
         shard_count=1,
     )
     chosen = list(itertools.islice(iter(batches), config.num_alignment_batches))
-    out = []
-    for i, batch in enumerate(chosen):
-        augment_key = seeding.stream(key, "augment", i)
-        images = (
-            ip.augment(augment_key, batch["image"], pipeline)
-            if config.augment
-            else ip.normalize(batch["image"], pipeline)
+    if not chosen:
+        raise ValueError(
+            f"{len(train_split)} training examples make no alignment batch of "
+            f"{pipeline.batch_size}; lower the batch size."
         )
-        out.append(
-            {
-                "image": images,
-                "label": jnp.asarray(batch["label"]),
-                "rng": seeding.stream(key, "dropout", i),
-            }
-        )
-    return out
+    return {
+        "image": np.stack([np.asarray(b["image"]) for b in chosen]),
+        "label": np.stack([np.asarray(b["label"]) for b in chosen]),
+    }
 
 
-def alignment_gradients(
-    model: nn.Module, variables: Variables, batches: Sequence[dict], train_mode: bool
-) -> tuple[PyTree, PyTree]:
-    """Gradients summed over `batches` and the BatchNorm statistics after them."""
-    return summed_gradients(
-        objective.loss_fn(model, train=train_mode),
-        variables["params"],
-        batches,
-        state=variables.get("batch_stats", {}),
+@functools.cache
+def prepared_loss(
+    model: nn.Module, pipeline: ip.PipelineConfig, augment: bool, train: bool
+) -> Callable:
+    """`objective.loss_fn` on a raw alignment batch: augmentation (or normalisation)
+    from the batch's `augment_key` and dropout from its `rng`, inside the traced loss.
+    Cached: one function object per setting, so the stage compiles once."""
+    loss = objective.loss_fn(model, train=train)
+
+    def prepared(params, batch_stats, batch):
+        if augment:
+            images = ip.augment(batch["augment_key"], batch["image"], pipeline)
+        else:
+            images = ip.normalize(batch["image"], pipeline)
+        inputs = {"image": images, "label": batch["label"], "rng": batch["rng"]}
+        return loss(params, batch_stats, inputs)
+
+    return prepared
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "model",
+        "pipeline",
+        "augment",
+        "train_mode",
+        "granularity",
+        "mode",
+        "rule",
+    ),
+    donate_argnames=("current",),
+)
+def library_stage(
+    current: Variables,
+    source: Variables,
+    batches: dict,
+    alignment_key: jax.Array,
+    merge_key: jax.Array,
+    threshold: jax.Array,
+    *,
+    model: nn.Module,
+    pipeline: ip.PipelineConfig,
+    augment: bool,
+    train_mode: bool,
+    granularity: str,
+    mode: str,
+    rule: str,
+):
+    """The library's GRASP stage, one program: batch `i`'s augmentation and dropout keys
+    are `stream(alignment_key, "augment" | "dropout", i)`, derived here on device, then
+    `stage.grasp_stage` (current model in train or eval mode, source in eval mode)."""
+    index = jnp.arange(batches["label"].shape[0])
+    keyed = {
+        **batches,
+        "augment_key": jax.vmap(lambda i: seeding.stream(alignment_key, "augment", i))(
+            index
+        ),
+        "rng": jax.vmap(lambda i: seeding.stream(alignment_key, "dropout", i))(index),
+    }
+    return grasp_stage(
+        current,
+        source,
+        keyed,
+        current_loss=prepared_loss(model, pipeline, augment, train_mode),
+        source_loss=prepared_loss(model, pipeline, augment, False),
+        threshold=threshold,
+        granularity=granularity,
+        mode=mode,
+        rule=rule,
+        key=merge_key,
     )
 
 
@@ -309,10 +344,13 @@ def default_steps(
     pipeline: ip.PipelineConfig,
     progress: bool = True,
     validate_merges: bool = True,
-    merge: Callable[..., tuple[PyTree, Any]] = aligned_merge,
+    rule: str = "aligned",
 ) -> GraspSteps:
     """GRASP's steps on the library: `loop.fit` on `splits["train"]` with selection on
-    `splits["validation"]`, alignment on the first batches of a fresh train pass."""
+    `splits["validation"]`, alignment on the first batches of a fresh train pass, each
+    stage one `library_stage` program (`rule` "random": the `grasp_random` control)."""
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r}; use one of {RULES}")
 
     def finetune(variables, epochs, key, label) -> FineTuned:
         result = loop.fit(
@@ -333,12 +371,38 @@ def default_steps(
             "accuracy"
         ]
 
+    def stage(current, source, batches, alignment_key, merge_key):
+        # The source is restored where it lands; lay it out as the current model is
+        # (a sharded model's source is sharded alike) before the two meet in one jit.
+        source = place_like(source, current)
+        return library_stage(
+            current,
+            source,
+            batches,
+            alignment_key,
+            merge_key,
+            config.threshold,
+            model=model,
+            pipeline=pipeline,
+            augment=config.augment,
+            train_mode=config.alignment_current_mode == "train",
+            granularity=config.granularity,
+            mode=config.mode,
+            rule=rule,
+        )
+
     return GraspSteps(
         finetune=finetune,
         alignment_batches=functools.partial(
             alignment_batches, splits["train"], pipeline, config
         ),
-        gradients=functools.partial(alignment_gradients, model),
+        stage=stage,
         validate=validate if validate_merges else None,
-        merge=merge,
     )
+
+
+def place_like(tree: PyTree, like: PyTree) -> PyTree:
+    """`tree` laid out as `like` (same structure) is, where `like` is on devices."""
+    if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(like)):
+        return tree
+    return jax.device_put(tree, jax.tree.map(lambda x: x.sharding, like))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from grasp_jax import evaluation, recipe, train
 from grasp_jax import input_pipeline as ip
-from grasp_jax.checkpoints import TrainProgress, to_host
+from grasp_jax.checkpoints import TrainProgress
 
 
 @dataclasses.dataclass
@@ -77,8 +77,8 @@ def fit(
     tx = optimizer if optimizer is not None else recipe.make_optimizer(config, steps)
     replicated, batch_sharding = ip.data_parallel()
     # The state is donated step after step: copy, so the caller's variables survive.
-    own = jax.tree.map(lambda x: jnp.array(x, copy=True), variables)
-    state = jax.device_put(train.create_train_state(own, tx, seed), replicated)
+    state = train.create_train_state(device_copy(variables), tx, seed)
+    state = jax.device_put(state, jax.tree.map(lambda x: placement(x, replicated), state))
 
     def train_step(state, batch):
         return train.train_step(
@@ -94,7 +94,7 @@ def fit(
     first_epoch = 0
     saved = TrainProgress(workdir) if workdir is not None else None
     if saved is not None and saved.last_epoch() is not None:
-        state, best, history = saved.restore(state, replicated)
+        state, best, history = saved.restore(state)
         first_epoch = saved.last_epoch() + 1
 
     bar = tqdm(
@@ -146,7 +146,7 @@ def fit(
                 best = {
                     "accuracy": val["accuracy"],
                     "epoch": epoch,
-                    "variables": to_host(state.variables),
+                    "variables": device_copy(state.variables),
                 }
             bar.set_postfix(
                 epoch=epoch,
@@ -173,7 +173,7 @@ def fit(
         best = {
             "accuracy": start_val["accuracy"],
             "epoch": -1,
-            "variables": to_host(variables),
+            "variables": device_copy(variables),
         }
     return FitResult(
         stopped=stopped,
@@ -183,3 +183,19 @@ def fit(
         history=history,
         seconds=time.perf_counter() - start,
     )
+
+
+def placement(leaf, replicated: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """Where a state leaf lives: as the caller laid it out when it spans several devices
+    (e.g. parameters sharded over a "model" axis), else replicated for data parallelism."""
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None and len(sharding.device_set) > 1:
+        return sharding
+    return replicated
+
+
+@jax.jit
+def device_copy(tree):
+    """A copy of `tree` on the devices (and with the shardings) it has: the best epoch's
+    variables outlive the donated state without a trip to the host."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)

@@ -26,10 +26,14 @@ MODES = ("hard", "soft")
 
 
 class TransferResult(NamedTuple):
-    """What `transfer_impl` returns: the new tree and where the source went in."""
+    """What `transfer_impl` returns: the new tree and, per scored unit, what went in.
+
+    No parameter-shaped statistic: where the source went in is `weights > 0`, broadcast
+    over each unit's elements (`MergeStats.mask` does that on demand)."""
 
     params: PyTree
-    mask: PyTree  # bool, parameter shapes: taken (hard) or weight > 0 (soft)
+    weights: PyTree  # float32, the scores' shapes: 0/1 (hard) or the blend weight (soft)
+    taken: PyTree  # int32 scalar per leaf: elements whose weight is > 0
     fraction: jax.Array  # float32 scalar: share of elements taken, or mean weight
 
 
@@ -69,20 +73,25 @@ def source_weight(score: jax.Array, threshold, mode: str) -> jax.Array:
 
 
 def _transfer_leaf(current, source, score, threshold, mode):
-    """Returns (new leaf, bool mask of leaf shape, source weight summed over elements)."""
+    """Returns (new leaf, per-unit weight, elements taken, weight summed over elements)."""
     weight = source_weight(score, threshold, mode)
     per_unit = current.size // max(weight.size, 1) if current.size else 0
     weight_sum = jnp.sum(weight) * per_unit
+    taken = jnp.sum(weight > 0, dtype=jnp.int32) * per_unit
+    if mode == "hard" and weight.ndim == 0:
+        # One decision for the whole leaf: a conditional copies the source only when
+        # it is taken (a select would read both leaves and write one every time).
+        # Under vmap the predicate is batched and this becomes that select.
+        new = jax.lax.cond(weight > 0, lambda: source, lambda: current)
+        return new, weight, taken, weight_sum
     if mode == "hard":
-        taken = jnp.broadcast_to(weight > 0, current.shape)
-        return jnp.where(taken, source, current), taken, weight_sum
+        return jnp.where(weight > 0, source, current), weight, taken, weight_sum
     blended = current.astype(jnp.float32) + weight * (
         source.astype(jnp.float32) - current.astype(jnp.float32)
     )
     # The endpoints are exact copies, not the result of float arithmetic.
     new = jnp.where(weight >= 1, source, jnp.where(weight <= 0, current, blended))
-    taken = jnp.broadcast_to(weight > 0, current.shape)
-    return new.astype(current.dtype), taken, weight_sum
+    return new.astype(current.dtype), weight, taken, weight_sum
 
 
 def check_pair(current: PyTree, source: PyTree) -> None:
@@ -121,11 +130,12 @@ def transfer_impl(
         )
     ]
     total = sum(int(jnp.size(leaf)) for leaf in treedef.flatten_up_to(current))
-    taken = sum((r[2] for r in results), jnp.float32(0))
-    fraction = taken / total if total else jnp.float32(0)
+    weight_sum = sum((r[3] for r in results), jnp.float32(0))
+    fraction = weight_sum / total if total else jnp.float32(0)
     return TransferResult(
         params=treedef.unflatten([r[0] for r in results]),
-        mask=treedef.unflatten([r[1] for r in results]),
+        weights=treedef.unflatten([r[1] for r in results]),
+        taken=treedef.unflatten([r[2] for r in results]),
         fraction=jnp.asarray(fraction, jnp.float32),
     )
 

@@ -104,3 +104,20 @@ def test_two_processes_on_localhost_train_one_replicated_model(digits_dir, tmp_p
     for a, b in zip(history_0, meta["history"], strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
         assert a["val_accuracy"] == b["val_accuracy"]
+
+
+def test_a_model_sharded_over_eight_devices_keeps_its_layout(digits_dir):
+    """merge_step, a GRASP stage, train_step and loop.fit on parameters sharded
+    FSDP-style over 4 of 8 forced CPU devices: every parameter keeps its sharding and
+    the results are the one-device ones (`tests/sharded_worker.py` asserts each)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.sharded_worker", str(digits_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all checks held" in done.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
+import grasp_jax as gj
 from grasp_jax import evaluation, grasp, models, seeding
 from grasp_jax import input_pipeline as ip
 from grasp_jax.merge import MergeStats
@@ -85,12 +87,16 @@ def test_two_sources_move_exactly_the_aligned_tensors(splits):
     assert loaded == ["near", "far"]  # lazily, one source per stage, in order
     expected_state = current
     for stage, name in enumerate(sources, start=1):
-        (batch,) = grasp.alignment_batches(
+        batches = grasp.alignment_batches(
             splits["train"],
             PIPE,
             MERGE_ONLY,
             seeding.stream(jax.random.PRNGKey(5), "alignment", stage),
         )
+        batch = {
+            "image": ip.normalize(batches["image"][0], PIPE),  # augment=False
+            "label": batches["label"][0],
+        }
         moves = expected_moves(model, expected_state, sources[name], batch, 0.3)
         stats = result.stages[stage]
         assert stats.fraction_by_layer == {p: float(m) for p, m in moves.items()}
@@ -210,17 +216,12 @@ def test_full_run_fine_tunes_and_records_every_stage(splits):
     assert logits.shape == (len(splits["test"]), 10) and np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_alignment_batches_are_the_first_of_a_fresh_pass(splits, augment):
+def test_alignment_batches_are_the_first_of_a_fresh_pass(splits):
     """The first batches of a shuffled training pass seeded by the stage key's "data"
-    stream, preprocessed once (augmented with its "augment" stream, batch by batch), each
-    with its own dropout key, the "dropout" stream."""
+    stream, stacked raw (uint8): the stage program preprocesses them."""
     key = jax.random.PRNGKey(3)
     batches = grasp.alignment_batches(
-        splits["train"],
-        PIPE,
-        grasp.GraspConfig(num_alignment_batches=2, augment=augment),
-        key,
+        splits["train"], PIPE, grasp.GraspConfig(num_alignment_batches=2), key
     )
     seed = seeding.int_seed(seeding.stream(key, "data"))
     raw = list(
@@ -228,25 +229,110 @@ def test_alignment_batches_are_the_first_of_a_fresh_pass(splits, augment):
     )
     in_order = next(iter(ip.dataset(splits["train"], PIPE, train=False)))
     assert not np.array_equal(raw[0]["label"], in_order["label"][: PIPE.batch_size])
-    assert len(batches) == 2
-    for i, (got, want) in enumerate(zip(batches, raw[:2], strict=True)):
-        assert set(got) == {"image", "label", "rng"}
-        if augment:
-            expected = ip.augment(seeding.stream(key, "augment", i), want["image"], PIPE)
-        else:
-            expected = ip.normalize(want["image"], PIPE)
-        np.testing.assert_allclose(got["image"], expected, rtol=1e-6)
-        np.testing.assert_array_equal(got["label"], want["label"])
-        np.testing.assert_array_equal(got["rng"], seeding.stream(key, "dropout", i))
-    assert not np.array_equal(batches[0]["rng"], batches[1]["rng"])
-    if augment:  # augmentation really happened, with a key of its own per batch
-        assert not np.allclose(batches[0]["image"], ip.normalize(raw[0]["image"], PIPE))
+    assert set(batches) == {"image", "label"} and batches["image"].dtype == np.uint8
+    assert batches["image"].shape == (2, PIPE.batch_size, 32, 32, 3)
+    for i, want in enumerate(raw[:2]):
+        np.testing.assert_array_equal(batches["image"][i], want["image"])
+        np.testing.assert_array_equal(batches["label"][i], want["label"])
+
+
+def test_alignment_batches_refuse_a_split_without_a_full_batch():
+    rows = [{"image": np.zeros((32, 32, 3), np.uint8), "label": 0}] * 5
+    with pytest.raises(ValueError, match="5 training examples make no alignment batch"):
+        grasp.alignment_batches(rows, PIPE, grasp.GraspConfig(), jax.random.PRNGKey(0))
+
+
+def _hand_written_gradients(model, variables, images, labels, train, dropout_keys):
+    """Sum over batches of jax.grad of a cross-entropy written here (BatchNorm statistics
+    threaded in train mode), and the statistics after the last batch."""
+    params, stats = variables["params"], variables["batch_stats"]
+    total = jax.tree.map(np.zeros_like, params)
+    for image, label, rng in zip(images, labels, dropout_keys, strict=True):
+
+        def loss(p, stats=stats, image=image, label=label, rng=rng):
+            if not train:
+                logits = model.apply({"params": p, "batch_stats": stats}, image)
+                return optax.softmax_cross_entropy_with_integer_labels(
+                    logits, label
+                ).mean(), stats
+            logits, new = model.apply(
+                {"params": p, "batch_stats": stats},
+                image,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": rng},
+            )
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
+            return ce, new["batch_stats"]
+
+        grads, stats = jax.grad(loss, has_aux=True)(params)
+        total = jax.tree.map(lambda t, g: t + np.asarray(g, np.float64), total, grads)
+    return total, stats
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_library_stage_scores_both_models_on_the_same_prepared_batches(splits, augment):
+    """`default_steps`' stage, one program: batch i augmented with its stage key's
+    ("augment", i) stream and dropped out with ("dropout", i), the current model in train
+    mode (its statistics threaded), the source in eval mode; scores and moves against
+    gradients written here and NumPy cosines."""
+    model = models.create("small_cnn", 10)
+    config = grasp.GraspConfig(num_alignment_batches=2, augment=augment, threshold=0.0)
+    steps = library_steps(model, splits, config)
+    key = jax.random.PRNGKey(3)
+    batches = steps.alignment_batches(key)
+    current, source = variables(0), perturbed(variables(0), 0.05, 1)
+    images = []
+    for i in range(2):
+        raw = batches["image"][i]
+        images.append(
+            ip.augment(seeding.stream(key, "augment", i), raw, PIPE)
+            if augment
+            else ip.normalize(raw, PIPE)
+        )
+    dropout = [seeding.stream(key, "dropout", i) for i in range(2)]
+    g_cur, want_stats = _hand_written_gradients(
+        model, current, images, batches["label"], True, dropout
+    )
+    g_src, _ = _hand_written_gradients(
+        model, source, images, batches["label"], False, dropout
+    )
+    merged, stats = steps.stage(
+        jax.tree.map(jax.numpy.array, current),
+        source,
+        batches,
+        key,
+        jax.random.PRNGKey(0),
+    )
+    moved = 0
+    for (path, score), (_, a), (_, b) in zip(
+        leaves_with_paths(stats.scores),
+        leaves_with_paths(g_cur),
+        leaves_with_paths(g_src),
+        strict=True,
+    ):
+        want = ref.cosine(np.asarray(a), np.asarray(b), "tensor")
+        np.testing.assert_allclose(score, want, atol=2e-4, err_msg=path)
+        moved += int(want > 0.0)
+    assert 0 < moved < len(jax.tree.leaves(g_cur))  # a real split
+    for (path, got), (_, want) in zip(
+        leaves_with_paths(merged["batch_stats"]), leaves_with_paths(want_stats), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=path)
+    mask = stats.mask(merged["params"])
+    for (path, got), (_, cur), (_, src), (_, taken) in zip(
+        *(leaves_with_paths(t) for t in (merged["params"], current["params"])),
+        leaves_with_paths(source["params"]),
+        leaves_with_paths(mask),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, src if taken.all() else cur, err_msg=path)
 
 
 def test_stages_run_in_the_reference_order_from_the_right_state(monkeypatch):
-    """Spies on every step: fine-tune, then per source: align (current, train mode;
-    source, eval mode), merge, fine-tune the merged model; each from the last result.
-    Each fine-tune starts by trimming the C heap (the peak stays flat in K)."""
+    """Spies on every step: fine-tune, then per source: load it, one stage (alignment
+    and merge) from the fine-tuned model with the stage's keys, fine-tune the merged
+    model; each from the last result. Each fine-tune starts by trimming the C heap."""
     calls = []
     monkeypatch.setattr(grasp.memory, "trim_host_heap", lambda: calls.append(("trim",)))
     sources = {"a": 10.0, "b": 20.0}
@@ -265,11 +351,14 @@ def test_stages_run_in_the_reference_order_from_the_right_state(monkeypatch):
     def validate(variables):  # a "validation accuracy" that names the model
         return float(variables["params"]["w"][0]) / 100
 
-    def gradients(variables, batches, train_mode):
-        w = float(variables["params"]["w"][0])
-        calls.append(("gradients", w, train_mode, tuple(batches)))
-        # Equal gradient directions: everything transfers at threshold 0.3.
-        return {"w": np.ones(3, np.float32)}, {"n": -w}
+    def stage(current, source, batches, alignment_key, merge_key):
+        w, w_source = (float(v["params"]["w"][0]) for v in (current, source))
+        calls.append(("stage", w, w_source, batches))
+        calls.append(("keys", np.asarray(alignment_key), np.asarray(merge_key)))
+        # Everything transfers; the statistics stay the current model's.
+        merged = {"params": source["params"], "batch_stats": current["batch_stats"]}
+        ones = {"w": np.ones((), np.float32)}
+        return merged, MergeStats(ones, ones, {"w": 3}, np.float32(1.0), np.int32(0))
 
     def load(name):
         def restore():
@@ -280,8 +369,8 @@ def test_stages_run_in_the_reference_order_from_the_right_state(monkeypatch):
 
     steps = grasp.GraspSteps(
         finetune=finetune,
-        alignment_batches=lambda key: (int(key[-1]),),
-        gradients=gradients,
+        alignment_batches=lambda key: int(key[-1]),
+        stage=stage,
         validate=validate,
     )
     config = grasp.GraspConfig(initial_epochs=2, finetune_epochs=1)
@@ -293,32 +382,31 @@ def test_stages_run_in_the_reference_order_from_the_right_state(monkeypatch):
         key=jax.random.PRNGKey(0),
         first_name="first",
     )
-    batch = {
-        s: (int(seeding.stream(jax.random.PRNGKey(0), "alignment", s)[-1]),) for s in (1, 2)
-    }
-    assert calls == [
+    stream = functools.partial(seeding.stream, jax.random.PRNGKey(0))
+    batch = {s: int(stream("alignment", s)[-1]) for s in (1, 2)}
+    stage_calls = [c for c in calls if c[0] != "keys"]
+    assert stage_calls == [
         ("trim",),
         ("finetune", 0.0, 2, "grasp stage 0 (first)"),
-        ("gradients", 1.0, True, batch[1]),  # the fine-tuned model, train mode
-        ("load", "a"),  # the source is restored only after the current model's pass
-        ("gradients", 10.0, False, batch[1]),
+        ("load", "a"),
+        ("stage", 1.0, 10.0, batch[1]),  # the fine-tuned model meets source a
         ("trim",),
         ("finetune", 10.0, 1, "grasp stage 1 (a)"),  # the merged model: all of source a
-        ("gradients", 11.0, True, batch[2]),
         ("load", "b"),
-        ("gradients", 20.0, False, batch[2]),
+        ("stage", 11.0, 20.0, batch[2]),
         ("trim",),
         ("finetune", 20.0, 1, "grasp stage 2 (b)"),
     ]
+    stage_keys = [c[1:] for c in calls if c[0] == "keys"]
+    for s, (alignment_key, merge_key) in enumerate(stage_keys, start=1):
+        np.testing.assert_array_equal(alignment_key, stream("alignment", s))
+        np.testing.assert_array_equal(merge_key, stream("merge", s))
     np.testing.assert_array_equal(result.variables["params"]["w"], 21.0)
-    # BatchNorm statistics: the current model's after its own alignment pass, never the
-    # source's, then whatever fine-tuning made of them.
     assert [s.val_accuracy_after_finetune for s in result.stages] == [0.0, 10.0, 20.0]
     assert [s.fraction for s in result.stages[1:]] == [1.0, 1.0]
     # each stage fine-tunes with its own key, stream(key, "finetune", stage)
-    for stage, key in enumerate(keys):
-        expected = seeding.stream(jax.random.PRNGKey(0), "finetune", stage)
-        np.testing.assert_array_equal(key, expected)
+    for stage_index, key in enumerate(keys):
+        np.testing.assert_array_equal(key, stream("finetune", stage_index))
     # validation before and after each merge: the fine-tuned, then the merged model
     assert [
         (s.val_accuracy_before_merge, s.val_accuracy_after_merge) for s in result.stages[1:]
@@ -331,21 +419,19 @@ def test_stages_run_in_the_reference_order_from_the_right_state(monkeypatch):
     ]
 
 
-def test_merged_batch_stats_are_the_current_models_after_alignment():
+def test_the_stage_result_is_what_the_next_fine_tune_starts_from():
     kept = []
 
     def finetune(variables, epochs, key, label):
         kept.append(variables["batch_stats"])
         return grasp.FineTuned(variables)
 
-    steps = grasp.GraspSteps(
-        finetune=finetune,
-        alignment_batches=lambda key: [None],
-        gradients=lambda v, b, train_mode: (
-            {"w": np.ones(2, np.float32)},
-            {"mean": v["batch_stats"]["mean"] + (100 if train_mode else 1000)},
-        ),
-    )
+    def stage(current, source, batches, alignment_key, merge_key):
+        moved = {"mean": current["batch_stats"]["mean"] + 100}
+        stats = MergeStats({}, {}, {"w": 0}, np.float32(0.0), np.int32(0))
+        return {"params": current["params"], "batch_stats": moved}, stats
+
+    steps = grasp.GraspSteps(finetune, alignment_batches=lambda key: None, stage=stage)
     start = {"params": {"w": np.zeros(2, np.float32)}, "batch_stats": {"mean": 1.0}}
     source = {"params": {"w": np.ones(2, np.float32)}, "batch_stats": {"mean": 7.0}}
     grasp.run_grasp(
@@ -411,47 +497,14 @@ def test_default_steps_fine_tune_and_validate_on_the_right_splits(monkeypatch):
     assert stage.augment is True
     assert steps.validate({"w": 2}) == 0.25
     assert predicted == [(model, {"w": 2}, ["v"], PIPE)]
-    assert steps.merge is grasp.aligned_merge
     other = grasp.default_steps(
-        model,
-        splits,
-        config=config,
-        pipeline=PIPE,
-        validate_merges=False,
-        merge=grasp.random_merge,
+        model, splits, config=config, pipeline=PIPE, validate_merges=False
     )
-    assert other.validate is None and other.merge is grasp.random_merge
-
-
-def test_default_steps_align_on_the_train_split_with_the_model():
-    model = models.create("small_cnn", 10)
-    rows = [
-        {"image": np.full((32, 32, 3), 40 * (i % 5), np.uint8), "label": i % 10}
-        for i in range(64)
-    ]
-    splits = {"train": rows, "validation": rows[:8]}
-    config = grasp.GraspConfig(num_alignment_batches=1, augment=False)
-    steps = grasp.default_steps(model, splits, config=config, pipeline=PIPE, progress=False)
-    key = jax.random.PRNGKey(4)
-    (batch,) = steps.alignment_batches(key)
-    (want,) = grasp.alignment_batches(rows, PIPE, config, key)
-    np.testing.assert_array_equal(batch["image"], want["image"])
-    current = variables(0)
-    grads, stats = steps.gradients(current, [batch], False)
-    expected = jax.grad(
-        lambda p: optax.softmax_cross_entropy_with_integer_labels(
-            model.apply(
-                {"params": p, "batch_stats": current["batch_stats"]}, batch["image"]
-            ),
-            batch["label"],
-        ).mean()
-    )(current["params"])
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-        grads,
-        expected,
-    )
-    jax.tree.map(np.testing.assert_array_equal, stats, current["batch_stats"])
+    assert other.validate is None
+    with pytest.raises(
+        ValueError, match=r"rule='best'; use one of \('aligned', 'random'\)"
+    ):
+        grasp.default_steps(model, splits, config=config, pipeline=PIPE, rule="best")
 
 
 def test_every_process_aligns_on_the_whole_global_batches(splits, monkeypatch):
@@ -463,42 +516,59 @@ def test_every_process_aligns_on_the_whole_global_batches(splits, monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     second = grasp.alignment_batches(splits["train"], PIPE, config, key)
-    assert len(second) == 2
-    for got, want in zip(second, alone, strict=True):
-        assert got["image"].shape[0] == PIPE.batch_size
-        np.testing.assert_array_equal(got["image"], want["image"])
-        np.testing.assert_array_equal(got["label"], want["label"])
+    assert second["image"].shape[:2] == (2, PIPE.batch_size)
+    np.testing.assert_array_equal(second["image"], alone["image"])
+    np.testing.assert_array_equal(second["label"], alone["label"])
 
 
-def test_alignment_gradients_of_a_model_without_batch_norm():
-    """A model with no BatchNorm keeps an empty (not missing) statistics collection."""
+def test_a_stage_of_a_model_without_batch_norm_keeps_its_collections():
+    """`grasp_stage` on variables without `batch_stats` returns none; its gradients are
+    jax.grad of a loss written here, summed over the stacked batches."""
     import flax.linen as nn
 
     class Linear(nn.Module):
         @nn.compact
-        def __call__(self, x, train: bool = False):
+        def __call__(self, x):
             return nn.Dense(3)(x)
 
     model = Linear()
     params = model.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.float32))["params"]
-    batch = {
-        "image": np.arange(8, dtype=np.float32).reshape(2, 4) / 8,
-        "label": np.array([0, 2]),
-        "rng": jax.random.PRNGKey(1),
+    source = model.init(jax.random.PRNGKey(1), np.zeros((1, 4), np.float32))["params"]
+    rng = np.random.default_rng(0)
+    batches = {
+        "x": rng.normal(size=(3, 2, 4)).astype(np.float32),
+        "y": rng.integers(0, 3, (3, 2)),
     }
-    for train_mode in (False, True):
-        grads, stats = grasp.alignment_gradients(
-            model, {"params": params}, [batch], train_mode
+
+    def loss(p, state, batch):
+        logits = model.apply({"params": p}, batch["x"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+        return ce, (state, logits)
+
+    def summed(p):
+        return sum(
+            loss(p, {}, jax.tree.map(lambda x, i=i: x[i], batches))[0] for i in range(3)
         )
-        assert stats == {}
-        expected = jax.grad(
-            lambda p: optax.softmax_cross_entropy_with_integer_labels(
-                model.apply({"params": p}, batch["image"]), batch["label"]
-            ).mean()
-        )(params)
-        jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), grads, expected
+
+    want = [
+        ref.cosine(np.asarray(a), np.asarray(b), "tensor")
+        for a, b in zip(
+            jax.tree.leaves(jax.grad(summed)(params)),
+            jax.tree.leaves(jax.grad(summed)(source)),
+            strict=True,
         )
+    ]
+    merged, stats = gj.grasp_stage(
+        {"params": jax.tree.map(jax.numpy.array, params)},
+        {"params": source},
+        batches,
+        current_loss=loss,
+        source_loss=loss,
+        threshold=-1.0,
+    )
+    assert set(merged) == {"params"}
+    np.testing.assert_allclose(jax.tree.leaves(stats.scores), want, rtol=1e-5, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, merged["params"], source)  # all moved
 
 
 def _leaf_trees(seed: int, count: int = 12) -> tuple[dict, ...]:
@@ -518,21 +588,48 @@ def _on_device(tree: dict) -> dict:
     return jax.tree.map(jax.numpy.array, tree)
 
 
+def _linear_losses(g_cur, g_src):
+    """Losses whose parameter gradients are the given trees (the batch carries them)."""
+
+    def loss(name):
+        def f(params, state, batch):
+            dot = sum(
+                jax.numpy.vdot(p, g)
+                for p, g in zip(*map(jax.tree.leaves, (params, batch[name])), strict=True)
+            )
+            return dot, (state, None)
+
+        return f
+
+    batches = {
+        "cur": jax.tree.map(lambda g: g[None], g_cur),
+        "src": jax.tree.map(lambda g: g[None], g_src),
+    }
+    return loss("cur"), loss("src"), batches
+
+
 @pytest.mark.parametrize(
     ("granularity", "mode"), [("channel", "soft"), ("element", "hard"), ("tensor", "soft")]
 )
-def test_aligned_merge_follows_the_configs_threshold_granularity_and_mode(
-    granularity, mode
-):
+def test_a_stage_follows_its_threshold_granularity_and_mode(granularity, mode):
     current, source, g_cur, g_src = _leaf_trees(1)
-    config = grasp.GraspConfig(threshold=0.1, granularity=granularity, mode=mode)
-    merged, _ = grasp.aligned_merge(
-        _on_device(current), _on_device(source), g_cur, g_src, config, None
+    current_loss, source_loss, batches = _linear_losses(g_cur, g_src)
+    merged, _ = gj.grasp_stage(
+        {"params": _on_device(current)},
+        {"params": source},
+        batches,
+        current_loss=current_loss,
+        source_loss=source_loss,
+        threshold=0.1,
+        granularity=granularity,
+        mode=mode,
     )
     for name in current:
         score = ref.cosine(g_cur[name], g_src[name], granularity)
         want, _ = ref.transfer_leaf(current[name], source[name], score, 0.1, mode)
-        np.testing.assert_allclose(merged[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            merged["params"][name], want, rtol=1e-5, atol=1e-7, err_msg=name
+        )
 
 
 def _moved_units(merged, current, source, granularity) -> int:
@@ -554,9 +651,9 @@ def _moved_units(merged, current, source, granularity) -> int:
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
-def test_random_merge_moves_as_many_units_as_grasp_would_chosen_by_the_key(granularity):
+def test_a_random_stage_moves_as_many_units_as_grasp_would_chosen_by_the_key(granularity):
     current, source, g_cur, g_src = _leaf_trees(2)
-    config = grasp.GraspConfig(threshold=0.0, granularity=granularity)
+    current_loss, source_loss, batches = _linear_losses(g_cur, g_src)
     aligned = sum(
         int(np.sum(ref.cosine(g_cur[n], g_src[n], granularity) > 0.0)) for n in current
     )
@@ -567,40 +664,48 @@ def test_random_merge_moves_as_many_units_as_grasp_would_chosen_by_the_key(granu
     assert 0 < aligned < units  # some units move, not all: a choice to make
     chosen = []
     for seed in (0, 1, 2, 0):
-        merged, _ = grasp.random_merge(
-            _on_device(current),
-            _on_device(source),
-            g_cur,
-            g_src,
-            config,
-            jax.random.PRNGKey(seed),
+        merged, _ = gj.grasp_stage(
+            {"params": _on_device(current)},
+            {"params": source},
+            batches,
+            current_loss=current_loss,
+            source_loss=source_loss,
+            threshold=0.0,
+            granularity=granularity,
+            rule="random",
+            key=jax.random.PRNGKey(seed),
         )
+        merged = merged["params"]
         assert _moved_units(merged, current, source, granularity) == aligned
         chosen.append(jax.tree.map(np.asarray, merged))
     jax.tree.map(np.testing.assert_array_equal, chosen[0], chosen[3])  # same key
     assert any(
         not np.array_equal(chosen[0][n], chosen[i][n]) for i in (1, 2) for n in current
     )
+    with pytest.raises(ValueError, match="pass key="):
+        gj.grasp_stage(
+            {"params": _on_device(current)},
+            {"params": source},
+            batches,
+            current_loss=current_loss,
+            source_loss=source_loss,
+            rule="random",
+        )
 
 
-def test_a_stage_records_what_its_merge_reports_and_passes_the_merge_key():
-    """`run_grasp` hands the merge the stage's "merge" stream and records the merge's
-    own fraction, the elements its mask takes and its non-finite count."""
-    seen_keys = []
+def test_a_stage_records_what_its_merge_reports():
+    """`run_grasp` records the merge's own fraction, non-finite count, and the elements
+    taken per leaf (read once, after the stage)."""
 
-    def merge(current, source, grad_current, grad_source, config, key):
-        seen_keys.append(np.asarray(key))
-        mask = {"w": np.array([True, False, True]), "v": np.ones((2, 2), bool)}
-        return source, MergeStats(scores=None, mask=mask, fraction=0.375, nonfinite=2)
+    def stage(current, source, batches, alignment_key, merge_key):
+        taken = {"w": np.int32(2), "v": np.int32(4)}
+        stats = MergeStats(None, None, taken, np.float32(0.375), np.int32(2))
+        return source, stats
 
     steps = grasp.GraspSteps(
         finetune=lambda variables, epochs, key, label: grasp.FineTuned(variables),
-        alignment_batches=lambda key: [None],
-        gradients=lambda v, b, train_mode: (
-            jax.tree.map(np.ones_like, v["params"]),
-            v["batch_stats"],
-        ),
-        merge=merge,
+        alignment_batches=lambda key: None,
+        stage=stage,
     )
     start = {"params": {"w": np.zeros(3), "v": np.zeros((2, 2))}, "batch_stats": {}}
     result = grasp.run_grasp(
@@ -610,14 +715,11 @@ def test_a_stage_records_what_its_merge_reports_and_passes_the_merge_key():
         config=grasp.GraspConfig(initial_epochs=0, finetune_epochs=0),
         key=jax.random.PRNGKey(7),
     )
-    for stage in (1, 2):
-        stats = result.stages[stage]
+    for stage_index in (1, 2):
+        stats = result.stages[stage_index]
         assert (stats.fraction, stats.n_transferred, stats.nonfinite_leaves) == (
             0.375,
             6,
             2,
         )
         assert stats.fraction_by_layer == {"v": 1.0, "w": pytest.approx(2 / 3)}
-        np.testing.assert_array_equal(
-            seen_keys[stage - 1], seeding.stream(jax.random.PRNGKey(7), "merge", stage)
-        )

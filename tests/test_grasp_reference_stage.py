@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import grasp_jax as gj
-from grasp_jax import grasp, interop, models
+from grasp_jax import interop, models, objective
 from tests import torch_models
 
 NAME, CLASSES, THRESHOLD = "mobilevit_xxs", 10, 0.3
@@ -69,30 +69,30 @@ def test_a_stage_moves_the_same_tensors_to_the_same_values():
     assert len(decided) > 0.8 * len(scores)  # the noise-only ones are few
 
     module = models.create(NAME, CLASSES, **torch_models.FLAX_NO_DROPOUT[NAME])
-    batches = [
-        {
-            "image": images.transpose(0, 2, 3, 1),
-            "label": labels.astype(np.int32),
-            "rng": gj.seeding.root_key(0),
-        }
-    ]
-    grad_current, stats = grasp.alignment_gradients(module, ours_current, batches, True)
-    grad_source, _ = grasp.alignment_gradients(module, ours_source, batches, False)
-    merged, merge_stats = gj.merge_step(
-        ours_current["params"],
-        ours_source["params"],
-        grad_current,
-        grad_source,
+    batches = {  # one batch, stacked
+        "image": images.transpose(0, 2, 3, 1)[None],
+        "label": labels.astype(np.int32)[None],
+        "rng": gj.seeding.root_key(0)[None],
+    }
+    merged, merge_stats = gj.grasp_stage(
+        ours_current,
+        ours_source,
+        batches,
+        current_loss=objective.loss_fn(module, train=True),
+        source_loss=objective.loss_fn(module, train=False),
         threshold=THRESHOLD,
     )
-    got = interop.export_numpy(NAME, {"params": merged, "batch_stats": stats}, layout="hf")
+    stats = merged["batch_stats"]
+    got = interop.export_numpy(NAME, merged, layout="hf")
 
     moved = {k for k in decided if scores[k] > THRESHOLD}
     assert 0 < len(moved) < len(decided)  # a real split, not all or nothing
     margin = min(abs(scores[k] - THRESHOLD) for k in decided)
     assert margin > 1e-4, f"a score lies {margin:.1e} from the threshold: fragile case"
     taken = interop.export_numpy(
-        NAME, {"params": merge_stats.mask, "batch_stats": stats}, layout="hf"
+        NAME,
+        {"params": merge_stats.mask(merged["params"]), "batch_stats": stats},
+        layout="hf",
     )
     assert {k for k in decided if taken[k].all()} == moved
     assert all(taken[k].all() or not taken[k].any() for k in scores)  # whole tensors
