@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all test-kill mutation bench throughput format clean
+.PHONY: run test test-all test-kill mutation bench device-check throughput format clean
 
 # The main job: a whole experiment on the embedded data set (sources, GRASP, baselines,
 # metrics, plots, summary) with the default `digits` config.
@@ -17,6 +17,11 @@ run: $(STAMP)
 # (README, "Performance"); about 1 h on 2 CPU cores.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# On a machine with a GPU or TPU: the accelerator tests, merge kernel, GRASP stage and
+# the main job, written to benchmarks/results/<date>-device-check-<device>.md (~15 min).
+device-check: $(STAMP)
+	$(BIN)/python benchmarks/device_check.py
 
 # Training/eval images per second of the model zoo, JAX vs PyTorch (README, "Model zoo").
 throughput: $(STAMP)

@@ -3,7 +3,7 @@
 A stage as the reference runs it: both models' gradients on one target batch (the
 current model in train mode, the source in eval mode), the per-tensor cosine of the two
 gradients, and the transfer of every tensor scoring above 0.3. JAX computes both
-gradients in one jitted program and merges with `merge_step`; PyTorch does what the
+gradients and merges in one program (`grasp_jax.grasp_stage`); PyTorch does what the
 reference does: two backward passes, a Python loop over parameters with one `.item()`
 per tensor, then `load_state_dict` of the merged state. Same model, batch and image
 size, float32, each side in its own process; the median of the timed stages counts.
@@ -16,6 +16,7 @@ pages, `GLIBC_TUNED`) and is compared at its faster setting.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -46,31 +47,22 @@ def measure_jax(name: str, batch: int, size: int, warmup: int, steps: int) -> fl
         for k in (0, 1)
     ]
     rng = np.random.default_rng(0)
-    data = {
-        "image": jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch)),
-        "rng": jax.random.key(2),
+    data = {  # one alignment batch, stacked
+        "image": jnp.asarray(rng.normal(size=(1, batch, size, size, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, NUM_CLASSES, (1, batch))),
+        "rng": jax.random.key_data(jax.random.split(jax.random.key(2), 1)),
     }
-    train_loss = objective.loss_fn(module, train=True)
-    eval_loss = objective.loss_fn(module, train=False)
-
-    @jax.jit
-    def both_gradients(current, source, batch):
-        g_cur, _ = jax.grad(train_loss, has_aux=True)(
-            current["params"], current["batch_stats"], batch
-        )
-        g_src, _ = jax.grad(eval_loss, has_aux=True)(
-            source["params"], source["batch_stats"], batch
-        )
-        return g_cur, g_src
+    stage_program = functools.partial(
+        gj.grasp_stage,
+        current_loss=objective.loss_fn(module, train=True),
+        source_loss=objective.loss_fn(module, train=False),
+    )
 
     def stage():
-        current = jax.tree.map(jnp.copy, init[0])  # merge_step consumes its inputs
-        source = jax.tree.map(jnp.copy, init[1])
-        jax.block_until_ready((current, source))
+        current = jax.tree.map(jnp.copy, init[0])  # the stage donates the current model
+        jax.block_until_ready(current)
         start = time.perf_counter()
-        g_cur, g_src = both_gradients(current, source, data)
-        merged, stats = gj.merge_step(current["params"], source["params"], g_cur, g_src)
+        merged, stats = stage_program(current, init[1], data)
         jax.block_until_ready((merged, stats))
         return time.perf_counter() - start
 

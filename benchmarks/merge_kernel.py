@@ -8,14 +8,23 @@ included), the reference's algorithm written as a NumPy loop over leaves, and th
 as a tuned PyTorch loop (foreach norms, in-place copies of the taken tensors only).
 
     python benchmarks/merge_kernel.py [--reps 7] [--only resnet50] [--granularities]
+        [--baseline /path/to/older/checkout]
+
+With `--baseline`, `merge_step` of this checkout and of the other one are also timed
+side by side: each in its own process with its checkout first on PYTHONPATH,
+alternating, tensor/hard and channel/soft, the best of all rounds counting.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -154,12 +163,13 @@ def time_merge_step(trees_np, reps: int, **kwargs) -> list[float]:
 def xla_bytes_accessed(trees_np) -> float:
     """Bytes the compiled merge program touches, by XLA's own cost analysis."""
     from grasp_jax.flops import cost_analysis
-    from grasp_jax.merge import merge_program
 
     abstract = [
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t) for t in trees_np
     ]
-    lowered = merge_program.lower(*abstract, 0.3, 1e-8, granularity="tensor", mode="hard")
+    lowered = gj.merge_step.lower(
+        *abstract, threshold=0.3, granularity="tensor", mode="hard"
+    )
     return float(cost_analysis(lowered)["bytes accessed"])
 
 
@@ -172,6 +182,38 @@ def time_reference(trees_np, reps: int) -> list[float]:
     return timings
 
 
+SIDE_BY_SIDE = (("tensor", "hard"), ("channel", "soft"))
+
+
+def checkout_times(checkout: Path, name: str, reps: int) -> dict[str, float]:
+    """Best ms of `merge_step` per SIDE_BY_SIDE case, in a process importing `checkout`."""
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    command = [sys.executable, __file__, "--worker", name, "--reps", str(reps)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{checkout} ({name}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(baseline: Path, models: list[str], reps: int, rounds: int = 3) -> None:
+    ours = Path(__file__).resolve().parents[1]
+    print(
+        f"\nmerge_step, this checkout against {baseline} (best ms of {reps} x {rounds} "
+        "alternating rounds, each side in its own process)"
+    )
+    print("| model | case | this checkout | baseline | this / baseline |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        best = {"this": {}, "baseline": {}}
+        for _ in range(rounds):
+            for side, checkout in (("this", ours), ("baseline", baseline)):
+                for case, ms in checkout_times(checkout, name, reps).items():
+                    best[side][case] = min(ms, best[side].get(case, float("inf")))
+        for case in best["this"]:
+            a, b = best["this"][case], best["baseline"][case]
+            print(f"| {name} | {case} | {a:.2f} | {b:.2f} | {a / b:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
@@ -179,7 +221,17 @@ def main() -> None:
     parser.add_argument(
         "--granularities", action="store_true", help="also time channel/element, soft"
     )
+    parser.add_argument("--baseline", type=Path, help="another checkout to compare with")
+    parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        trees = make_trees(architecture_shapes()[args.worker])
+        times = {
+            f"{g}/{m}": 1e3 * min(time_merge_step(trees, args.reps, granularity=g, mode=m))
+            for g, m in SIDE_BY_SIDE
+        }
+        print(json.dumps(times))
+        return
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, ", end="")
     print(f"{jax.device_count()} device(s); best of {args.reps} runs, median in ()")
@@ -234,6 +286,8 @@ def main() -> None:
                         f"    {granularity:<8} {mode:<5} {t * 1e3:9.2f} ms "
                         f"({t / bound:.2f}x bound)"
                     )
+    if args.baseline:
+        side_by_side(args.baseline.resolve(), args.only or list(MODELS), args.reps)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 machine, the library versions, the memory bandwidth measured in the same run, and each
 benchmark's figures with their ratios to the bound and to PyTorch.
 
-    python benchmarks/run_all.py [--quick] [--sections merge stage ...]
-    # --quick: one model, fewer repetitions
+    python benchmarks/run_all.py [--quick] [--sections merge stage ...] [--baseline DIR]
+    # --quick: one model, fewer repetitions; --baseline: an older checkout, timed beside
+    # this one by the merge and stage-program sections
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def memory_plot(table: dict, path: Path) -> None:
 SECTIONS = {  # name: (title, script)
     "merge": ("Merge kernel", "merge_kernel.py"),
     "stage": ("One GRASP stage", "grasp_stage.py"),
+    "stage-program": ("One GRASP stage of the library", "stage_program.py"),
     "throughput": ("Training and evaluation", "throughput.py"),
     "conv": ("One convolution per backend", "conv_backends.py"),
     "memory": ("Peak memory against K", "grasp_memory.py"),
@@ -120,6 +122,9 @@ def main() -> None:
         "--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS)
     )
     parser.add_argument("--models", nargs="+", help="for the GRASP stage and throughput")
+    parser.add_argument(
+        "--baseline", help="another checkout: merge and stage-program time it side by side"
+    )
     args = parser.parse_args()
     info = machine()
     name = info["cpu"] if info["device"].startswith("cpu") else info["device"]
@@ -138,9 +143,11 @@ def main() -> None:
         memory_json = Path(tmp) / "memory.json"
         ks = ["2", "4"] if args.quick else ["2", "4", "8", "16"]
         memory = ["--model", "small_cnn"] if args.quick else []
+        against = ["--baseline", args.baseline] if args.baseline else []
         extra = {
-            "merge": quick,
+            "merge": [*quick, *against],
             "stage": model_args,
+            "stage-program": against,
             "throughput": model_args,
             "conv": [],
             "memory": ["--ks", *ks, *memory, "--json", str(memory_json)],
@@ -159,12 +166,18 @@ def main() -> None:
     print(path)
 
 
-def write_results(path: Path, info: dict, sections: list, plot: Path | None) -> None:
+def write_results(
+    path: Path,
+    info: dict,
+    sections: list,
+    plot: Path | None,
+    written_by: str = "`make bench` (`benchmarks/run_all.py`)",
+) -> None:
     """The results file, written whole to a temporary name and renamed into place."""
     lines = [
         f"# Benchmarks, {datetime.date.today().isoformat()}",
         "",
-        "Written by `make bench` (`benchmarks/run_all.py`); every figure below was "
+        f"Written by {written_by}; every figure below was "
         "measured in this one run, ratios side by side.",
         "",
         "| machine | |",

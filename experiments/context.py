@@ -17,7 +17,7 @@ import optax
 
 from experiments import settings
 from experiments import sources as src
-from grasp_jax import evaluation, loop
+from grasp_jax import evaluation, loop, sharding
 from grasp_jax import input_pipeline as ip
 
 
@@ -49,10 +49,14 @@ class Context:
         return settings.pipeline(self.config)
 
     def restore(self, bin_name: str) -> dict:
-        """The trained source model of `bin_name`."""
-        return src.restore_source(
+        """The trained source model of `bin_name`, split over `config.mesh.model`
+        devices when that is above 1 (training and merging keep the layout)."""
+        variables = src.restore_source(
             self.config, self.workdir, bin_name, self.model_and_abstract[1]
         )
+        if self.config.mesh.model == 1:
+            return variables
+        return sharding.shard_model(variables, sharding.model_mesh(self.config.mesh.model))
 
     def base(self) -> dict:
         """The shared start every source was trained from (pretraining or imported

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import ml_collections
 
 from data.build import BUILDERS
@@ -101,6 +102,7 @@ def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
         raise ConfigError(f"config.trials={config.trials}; run at least one trial")
     if config.save_final:
         _check_save_final(config)
+    _check_mesh(config)
     if method_names is not None:
         unknown = sorted(set(requested_methods(config)) - {"all", *method_names})
         if unknown:
@@ -116,6 +118,21 @@ def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
     if bad:
         raise ConfigError(f"unknown target(s) {bad}; the bins are {list(config.bins)}")
     return targets
+
+
+def _check_mesh(config) -> None:
+    model, count = config.mesh.model, jax.device_count()
+    if not isinstance(model, int) or model < 1 or count % model:
+        raise ConfigError(
+            f"config.mesh.model={model!r}; use a whole number that divides the {count} "
+            "device(s) (1: no model sharding)"
+        )
+    if model > 1 and jax.process_count() > 1:
+        raise ConfigError(
+            f"config.mesh.model={model} with {jax.process_count()} processes: the "
+            "experiment runner checksums whole arrays on each host, so it shards the "
+            "model within one process only; use mesh.model=1 (data parallel) here"
+        )
 
 
 def _check_save_final(config) -> None:

@@ -88,7 +88,7 @@ def _install(point: str, n: int) -> None:
         "saved_variables": lambda: _kill_on_call(
             checkpoints, "save_variables", n, after=True
         ),
-        "merge": lambda: _kill_on_call(grasp, "merge_step", n, after=True),
+        "merge": lambda: _kill_on_call(grasp, "library_stage", n, after=True),
         "result_rename": lambda: setattr(report, "os", _DyingOs(n)),
         "write_run": lambda: _kill_on_call(report, "write_run", n, after=True),
         "source_matrix": lambda: _kill_on_call(

@@ -305,6 +305,8 @@ def test_unknown_keys_and_wrong_types_name_the_key(pairs, message):
         ("pipeline.hue", 0.7, r"pipeline\.hue=0\.7; a hue shift lies in \[0, 0\.5\]"),
         ("dataset", "clear1000", r"config\.dataset='clear1000'; choose one of \['clear10'"),
         ("save_final", True, r"config\.save_final: small_cnn has no PyTorch layout"),
+        ("mesh.model", 0, r"config\.mesh\.model=0; use a whole number that divides the 1 "),
+        ("mesh.model", 3, r"config\.mesh\.model=3; use a whole number that divides"),
     ],
 )
 def test_out_of_range_values_fail_before_any_work(key, value, message):

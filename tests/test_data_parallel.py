@@ -121,3 +121,44 @@ def test_a_model_sharded_over_eight_devices_keeps_its_layout(digits_dir):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "all checks held" in done.stdout
+
+
+def test_two_processes_run_a_grasp_stage_on_a_model_split_between_them(
+    digits_dir, tmp_path
+):
+    """gloo collectives, 2 devices a process, small_cnn sharded over all 4: the stage's
+    merged parameters are the one-device stage's, bit for bit, in both processes."""
+    port, out = str(free_port()), tmp_path / "stage"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.stage_worker",
+                str(digits_dir),
+                str(out),
+                str(i),
+                port,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err.decode()[-2000:]
+    for i in range(2):
+        with open(f"{out}.{i}.json") as f:
+            result = json.load(f)
+        assert (result["processes"], result["devices"]) == (2, 4)
+        assert (
+            result["processes_per_parameter"] == 2 and result["split_across_processes"] >= 4
+        )
+        assert result["same_params"], result
+        assert result["batch_stats_max_error"] < 1e-5, result
+        assert abs(result["fraction"] - result["one_device_fraction"]) < 1e-6
+        assert 0 < result["fraction"] < 1

@@ -588,16 +588,14 @@ def _on_device(tree: dict) -> dict:
     return jax.tree.map(jax.numpy.array, tree)
 
 
-def _linear_losses(g_cur, g_src):
-    """Losses whose parameter gradients are the given trees (the batch carries them)."""
+def _linear_stage(current, source, g_cur, g_src, **kwargs):
+    """`grasp_stage` with losses whose parameter gradients are the given trees (one
+    stacked batch carries them); returns the merged parameters and the statistics."""
 
     def loss(name):
         def f(params, state, batch):
-            dot = sum(
-                jax.numpy.vdot(p, g)
-                for p, g in zip(*map(jax.tree.leaves, (params, batch[name])), strict=True)
-            )
-            return dot, (state, None)
+            leaves = zip(*map(jax.tree.leaves, (params, batch[name])), strict=True)
+            return sum(jax.numpy.vdot(p, g) for p, g in leaves), (state, None)
 
         return f
 
@@ -605,7 +603,15 @@ def _linear_losses(g_cur, g_src):
         "cur": jax.tree.map(lambda g: g[None], g_cur),
         "src": jax.tree.map(lambda g: g[None], g_src),
     }
-    return loss("cur"), loss("src"), batches
+    merged, stats = gj.grasp_stage(
+        {"params": _on_device(current)},
+        {"params": source},
+        batches,
+        current_loss=loss("cur"),
+        source_loss=loss("src"),
+        **kwargs,
+    )
+    return merged["params"], stats
 
 
 @pytest.mark.parametrize(
@@ -613,23 +619,13 @@ def _linear_losses(g_cur, g_src):
 )
 def test_a_stage_follows_its_threshold_granularity_and_mode(granularity, mode):
     current, source, g_cur, g_src = _leaf_trees(1)
-    current_loss, source_loss, batches = _linear_losses(g_cur, g_src)
-    merged, _ = gj.grasp_stage(
-        {"params": _on_device(current)},
-        {"params": source},
-        batches,
-        current_loss=current_loss,
-        source_loss=source_loss,
-        threshold=0.1,
-        granularity=granularity,
-        mode=mode,
+    merged, _ = _linear_stage(
+        current, source, g_cur, g_src, threshold=0.1, granularity=granularity, mode=mode
     )
     for name in current:
         score = ref.cosine(g_cur[name], g_src[name], granularity)
         want, _ = ref.transfer_leaf(current[name], source[name], score, 0.1, mode)
-        np.testing.assert_allclose(
-            merged["params"][name], want, rtol=1e-5, atol=1e-7, err_msg=name
-        )
+        np.testing.assert_allclose(merged[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def _moved_units(merged, current, source, granularity) -> int:
@@ -653,7 +649,6 @@ def _moved_units(merged, current, source, granularity) -> int:
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_a_random_stage_moves_as_many_units_as_grasp_would_chosen_by_the_key(granularity):
     current, source, g_cur, g_src = _leaf_trees(2)
-    current_loss, source_loss, batches = _linear_losses(g_cur, g_src)
     aligned = sum(
         int(np.sum(ref.cosine(g_cur[n], g_src[n], granularity) > 0.0)) for n in current
     )
@@ -664,18 +659,16 @@ def test_a_random_stage_moves_as_many_units_as_grasp_would_chosen_by_the_key(gra
     assert 0 < aligned < units  # some units move, not all: a choice to make
     chosen = []
     for seed in (0, 1, 2, 0):
-        merged, _ = gj.grasp_stage(
-            {"params": _on_device(current)},
-            {"params": source},
-            batches,
-            current_loss=current_loss,
-            source_loss=source_loss,
+        merged, _ = _linear_stage(
+            current,
+            source,
+            g_cur,
+            g_src,
             threshold=0.0,
             granularity=granularity,
             rule="random",
             key=jax.random.PRNGKey(seed),
         )
-        merged = merged["params"]
         assert _moved_units(merged, current, source, granularity) == aligned
         chosen.append(jax.tree.map(np.asarray, merged))
     jax.tree.map(np.testing.assert_array_equal, chosen[0], chosen[3])  # same key
@@ -683,14 +676,7 @@ def test_a_random_stage_moves_as_many_units_as_grasp_would_chosen_by_the_key(gra
         not np.array_equal(chosen[0][n], chosen[i][n]) for i in (1, 2) for n in current
     )
     with pytest.raises(ValueError, match="pass key="):
-        gj.grasp_stage(
-            {"params": _on_device(current)},
-            {"params": source},
-            batches,
-            current_loss=current_loss,
-            source_loss=source_loss,
-            rule="random",
-        )
+        _linear_stage(current, source, g_cur, g_src, rule="random")
 
 
 def test_a_stage_records_what_its_merge_reports():

@@ -15,6 +15,7 @@ from jax._src.interpreters import pxla
 import grasp_jax as gj
 from tests import numpy_reference as ref
 
+pytestmark = pytest.mark.accelerator  # `make device-check` runs these on the device
 SHAPES = ((3, 4), (5,), (2, 2, 3), (), (4, 6))
 CASES = [(g, m) for g in gj.GRANULARITIES for m in gj.MODES]
 

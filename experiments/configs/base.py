@@ -68,5 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Save GRASP's final model as the reference does (a PyTorch state dict, run folder's
     # checkpoints/); needs the torch extra and a model with a PyTorch layout.
     config.save_final = False
+    # Devices a model is split over (FSDP-style, grasp_jax.sharding); the rest of the
+    # devices replicate it for data parallelism. 1: every device holds the whole model.
+    config.mesh = ml_collections.ConfigDict({"model": 1})
     config.seed = 0
     return config
