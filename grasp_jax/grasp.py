@@ -167,7 +167,7 @@ def run_grasp(
         return None if steps.validate is None else steps.validate(variables)
 
     # The first stage's model is donated to the first merge: never the caller's arrays.
-    start = first_source if config.initial_epochs else _own_copy(first_source)
+    start = first_source if config.initial_epochs else loop.device_copy(first_source)
     tuned = finetune(start, config.initial_epochs, 0, f"grasp stage 0 ({first_name})")
     current = tuned.variables
     stages = [
@@ -197,10 +197,6 @@ def run_grasp(
         stats.history = list(tuned.history)
         stages.append(stats)
     return GraspResult(variables=current, stages=stages)
-
-
-def _own_copy(variables: Variables) -> Variables:
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), variables)
 
 
 def _align_and_merge(current, load, steps, stats, key, stage) -> Variables:
