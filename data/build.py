@@ -28,13 +28,15 @@ BUILDERS = {
     "digits_drift": DigitsDrift,
 }
 
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder with one subfolder per bin.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where TFDS writes the built data.")
-_CONFIGS = flags.DEFINE_list("configs", None, "Bins to build (default: all).")
-_SKIP_CORRUPT = flags.DEFINE_bool(
-    "skip_corrupt", False, "Skip and count unreadable images."
-)
-_KEEP_BACKGROUND = flags.DEFINE_bool("keep_background", False, "clear10: keep BACKGROUND.")
+
+def define_flags() -> None:
+    """This command's flags, defined only when it runs: the experiments import the
+    builders, and their `--help` must not list flags that do nothing there."""
+    flags.DEFINE_string("manual_dir", None, "Folder with one subfolder per bin.")
+    flags.DEFINE_string("data_dir", None, "Where TFDS writes the built data.")
+    flags.DEFINE_list("configs", None, "Bins to build (default: all).")
+    flags.DEFINE_bool("skip_corrupt", False, "Skip and count unreadable images.")
+    flags.DEFINE_bool("keep_background", False, "clear10: keep BACKGROUND.")
 
 
 def build(
@@ -100,18 +102,18 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(
             f"usage: python -m data.build {{{','.join(BUILDERS)}}} [flags]"
         )
-    name = argv[1]
+    name, given = argv[1], flags.FLAGS
     kwargs = {}
     if name in ("clear10", "clear100", "yearbook"):
-        kwargs["skip_corrupt"] = _SKIP_CORRUPT.value
+        kwargs["skip_corrupt"] = given.skip_corrupt
     if name == "clear10":
-        kwargs["keep_background"] = _KEEP_BACKGROUND.value
+        kwargs["keep_background"] = given.keep_background
     start = time.perf_counter()
     built = build(
         name,
-        manual_dir=_MANUAL_DIR.value,
-        data_dir=_DATA_DIR.value,
-        configs=_CONFIGS.value,
+        manual_dir=given.manual_dir,
+        data_dir=given.data_dir,
+        configs=given.configs,
         **kwargs,
     )
     for config, path in built.items():
@@ -121,4 +123,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -330,3 +330,32 @@ def test_only_visible_image_files_are_listed(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "folder.png").mkdir()
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]
+
+
+def test_importing_the_builders_defines_no_flags():
+    """Every experiments command imports data.build; its flags (manual_dir, ...) belong
+    to `python -m data.build` alone and must not show in those commands' --help."""
+    from absl import flags
+
+    import data.build  # noqa: F401
+
+    ours = {"manual_dir", "data_dir", "configs", "skip_corrupt", "keep_background"}
+    assert not ours & set(flags.FLAGS)
+
+
+def test_the_build_command_builds_the_named_configs(tmp_path):
+    import subprocess
+    import sys
+
+    command = ["data.build", "digits_drift", "--data_dir", str(tmp_path), "--configs", "d0"]
+    done = subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "digits_drift/d0:" in done.stdout
+    built = [p.name for p in (tmp_path / "digits_drift").iterdir() if p.name[0] != "."]
+    assert built == ["d0"]  # only the named config
