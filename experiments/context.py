@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import optax
 
 from experiments import settings
@@ -48,15 +49,26 @@ class Context:
     def pipeline(self) -> ip.PipelineConfig:
         return settings.pipeline(self.config)
 
-    def restore(self, bin_name: str) -> dict:
-        """The trained source model of `bin_name`, split over `config.mesh.model`
-        devices when that is above 1 (training and merging keep the layout)."""
-        variables = src.restore_source(
-            self.config, self.workdir, bin_name, self.model_and_abstract[1]
-        )
+    @functools.cached_property
+    def source_layout(self) -> dict:
+        """The abstract variables sources restore into: split over `config.mesh.model`
+        devices when that is above 1, so Orbax reads each shard onto its own device
+        and no device ever holds the whole model."""
+        abstract = self.model_and_abstract[1]
         if self.config.mesh.model == 1:
-            return variables
-        return sharding.shard_model(variables, sharding.model_mesh(self.config.mesh.model))
+            return abstract
+        mesh = sharding.model_mesh(self.config.mesh.model)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=sharding.fsdp_sharding(x.shape, mesh)
+            ),
+            abstract,
+        )
+
+    def restore(self, bin_name: str) -> dict:
+        """The trained source model of `bin_name`, laid out as `source_layout`
+        (training and merging keep the layout)."""
+        return src.restore_source(self.config, self.workdir, bin_name, self.source_layout)
 
     def base(self) -> dict:
         """The shared start every source was trained from (pretraining or imported
