@@ -4,12 +4,12 @@ Each point is a fresh process; its figure is that process's peak resident memory
 (VmHWM) at its end. The methods:
 - `grasp`: ours; the K source checkpoints are restored one at a time, each when its
   stage starts;
-- `grasp_torch`: the reference's GRASP in PyTorch (REFERENCE.md 4.1-4.2): each source's
+- `grasp_torch`: the reference's GRASP in PyTorch (docs/reference.md §4): each source's
   state dict loaded at its stage into a fresh model, a fresh AdamW per stage, a deep
   copy of the best validation state;
 - `ensemble`: ours; the sources' logits summed one source at a time
-  (`experiments/ensembles.py`);
-- `ensemble_held`: the reference's ENSEMBLE (REFERENCE.md 5.1): all K models loaded,
+  (`experiments/methods/ensembles.py`);
+- `ensemble_held`: the reference's ENSEMBLE (docs/reference.md §5): all K models loaded,
   then evaluated on validation and test;
 - `fusion`: FUSION, the K models trained jointly through their mean logits (one epoch);
 - `ties`: the K sources merged by the streaming two-pass TIES (the weight-space merges'
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def has_torch_side(model_name: str) -> bool:
     """Whether the PyTorch side can build `model_name` (the zoo's HF architectures)."""
     sys.path.insert(0, str(ROOT))
-    from tests.torch_models import HF_CONFIGS
+    from grasp_jax.torch_models import HF_CONFIGS
 
     return model_name in HF_CONFIGS
 
@@ -99,7 +99,9 @@ def jax_child(mode: str, k: int, model_name: str, ckpt_dir: str, data_dir: str) 
 
         base = loader(0)()["params"]
         params = [lambda i=i: loader(i)()["params"] for i in range(k)]
-        jax.block_until_ready(merging.merge_streaming(merging.Ties(), base, params))
+        jax.block_until_ready(
+            merging.merge_streaming(merging.streaming.ties(), base, params)
+        )
     elif mode in ("ensemble", "ensemble_held"):
         held = [loader(i)() for i in range(k)] if mode == "ensemble_held" else None
         for i in range(k):
@@ -127,7 +129,7 @@ def torch_child(k: int, model_name: str, ckpt_dir: str) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from tests.torch_models import hf_model
+    from grasp_jax.torch_models import hf_model
 
     classes, size, _, _ = SETUPS[model_name]
     generator = torch.Generator().manual_seed(0)
@@ -190,7 +192,7 @@ def make_sources(model_name: str, count: int, ckpt_dir: Path) -> int:
 
     sys.path.insert(0, str(ROOT))
     from grasp_jax import checkpoints, models
-    from tests.torch_models import hf_model
+    from grasp_jax.torch_models import hf_model
 
     classes, size, keywords, _ = SETUPS[model_name]
     base = models.init(

@@ -75,7 +75,7 @@ def measure_torch(name: str, batch: int, size: int, warmup: int, steps: int) -> 
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from tests.torch_models import hf_model
+    from grasp_jax.torch_models import hf_model
 
     device, synchronize = torch_device()
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ CLEAR_BINS = ("year_1-2", "year_3-4", "year_5-6", "year_7-8", "year_9-10")
 class Clear10(ImageFolderBuilder):
     """CLEAR-10. `BACKGROUND` is excluded unless `keep_background=True`.
 
-    The reference's preprocessing keeps BACKGROUND by mistake (REFERENCE.md bug 34); its
+    The reference's preprocessing keeps BACKGROUND by mistake (docs/reference.md §2); its
     models assume the 10 classes. A build with `keep_background=True` has 11 labels: give
     it its own `data_dir`, and pass the same kwarg to `tfds.builder` when reading it.
     """

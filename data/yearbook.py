@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 
 from data.image_folder_builder import ImageFolderBuilder
 
-# Period -> its two decade folders: label 0 the earlier, 1 the later (REFERENCE.md 2.3).
+# Period -> its two decade folders: label 0 the earlier, 1 the later (docs/reference.md §2).
 PERIODS = {
     "before_1950s": ("1930s", "1940s"),
     "1950s_1960s": ("1950s", "1960s"),

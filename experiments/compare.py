@@ -3,7 +3,7 @@
     python -m experiments.compare --reference=REF_RESULTS --ours=runs/clear10/results \\
         [--out=comparison.md]
 
-Both trees are read the same way (`<dataset>/<run>/metrics.json`, REFERENCE.md 6);
+Both trees are read the same way (`<dataset>/<run>/metrics.json`, docs/reference.md §6);
 runs are matched by (dataset, model, target, method, trial), model names are accepted as
 our zoo names, the reference's short names or its HF ids, and GRASP runs are told apart
 by threshold. Per (dataset, model, method, target): test accuracy, F1 and AUROC as mean
@@ -24,16 +24,10 @@ import numpy as np
 from absl import app, flags
 
 from experiments import cli, report
-from experiments.reference_format import zoo_name
+from experiments.report import plots
 from experiments.settings import ConfigError
+from grasp_jax.models import zoo_name
 
-# The reference's drivers pass HF ids as `--model` (REFERENCE.md 1.6).
-HF_IDS = {
-    "apple/mobilevit-xx-small": "mobilevit_xxs",
-    "apple/mobilevit-x-small": "mobilevit_xs",
-    "google/efficientnet-b1": "efficientnet_b1",
-    "microsoft/resnet-50": "resnet50",
-}
 SIDES = ("ours", "reference")
 METRICS = ("accuracy", "f1_score", "auroc")
 
@@ -58,9 +52,7 @@ def read_runs(root: Path) -> dict[tuple, dict]:
 
 
 def run_key(record: dict) -> tuple:
-    model = record.get("zoo_model") or zoo_name(
-        HF_IDS.get(record["model"], record["model"])
-    )
+    model = record.get("zoo_model") or zoo_name(record["model"])
     method = record["method"]
     threshold = record.get("hyperparameters", {}).get("alignment_threshold")
     if threshold is not None:  # GRASP at different thresholds are different methods
@@ -145,7 +137,7 @@ def csv_text(rows: list[dict]) -> str:
 def accuracy_png(rows: list[dict], path: Path) -> None:
     """Test accuracy per target, ours beside the reference, one panel per (dataset,
     model, method); a missing side has no bar."""
-    plt = report.pyplot()
+    plt = plots.pyplot()
     panels = sorted({(r["dataset"], r["model"], r["method"]) for r in rows})
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False
@@ -169,7 +161,7 @@ def accuracy_png(rows: list[dict], path: Path) -> None:
         ax.set_title(" / ".join(panel), fontsize=9)
     axes[0][0].set_ylabel("test accuracy")
     axes[0][0].legend(fontsize=8)
-    report.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 def define_flags() -> None:

@@ -1,8 +1,9 @@
-"""What every method of one (target, trial) is handed, and what it hands back.
+"""What the runner and the methods agree on: what a method is handed, what it hands
+back, and what a method entry declares.
 
 `Context` gives a method the target's splits, the sources (restored one at a time), the
 shared pretrained start, and `fit`/`predict` on the target; `MethodResult` is what the
-runner reports. `training_flops` turns XLA's per-step FLOPs into a run's totals.
+runner reports; `Method` is a registry entry (`experiments.methods`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 import jax
 import optax
 
-from experiments import settings
+from experiments import reference_format, settings
 from experiments import sources as src
+from experiments.flops_report import StepCosts, training_flops
 from grasp_jax import evaluation, loop, sharding
 from grasp_jax import input_pipeline as ip
 
@@ -33,7 +35,8 @@ class Context:
     splits: dict
     seed: int
     progress: bool = True
-    # Set by the runner for each run: where its files go, and a memory sample by name.
+    # Set by the runner for each run: where its files go, and a memory sample by name
+    # (one of the method's `memory_marks`).
     out_dir: Path | None = None
     mark: Callable[[str], None] = lambda name: None
 
@@ -121,50 +124,63 @@ class MethodResult:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
+# The memory samples every run takes (the runner's); a method adds its own between.
+RUNNER_MARKS = ("experiment_start", "data_loaded", "experiment_end")
+
+
+def _no_settings(config) -> dict:
+    return {}
+
+
+def _no_check(config) -> None:
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
-class StepCosts:
-    """XLA's FLOPs of the compiled steps, measured once per experiment."""
+class Method:
+    """One comparable method: its run function, the hyperparameters its result depends
+    on (recorded with every run and compared before a finished run is reused), its
+    run-folder suffix, FLOPs, the memory samples it takes (the reference's names) and a
+    check of its config section that runs before any work."""
 
-    train_step: float
-    eval_step: float
-    batch_size: int
-    params: int
-    merge: float
+    name: str
+    run: Callable[[Context], MethodResult]
+    hyperparameters: Callable[[Any], dict]
+    folder_suffix: Callable[[Any], str] = lambda config: ""
+    flops: Callable[[Context, MethodResult, StepCosts], dict] | None = None
+    # Keys the reference's metrics.json has beside ours (e.g. `alignment_threshold`).
+    reference_hyperparameters: Callable[[Any], dict] = _no_settings
+    memory_marks: tuple[str, ...] = RUNNER_MARKS
+    check: Callable[[Any], None] = _no_check
+    description: str = ""
+
+    def report_flops(self, ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
+        if self.flops is not None:
+            return self.flops(ctx, result, costs)
+        return training_flops(ctx, result, costs, label=self.name)
 
 
-def training_flops(
-    ctx: Context,
-    result: MethodResult,
-    costs: StepCosts,
+def section_method(
+    name: str,
+    run: Callable[[Context], MethodResult],
     *,
-    label: str,
-    models_evaluated: int = 1,
-    phases: Callable[[float], tuple[float, dict]] | None = None,
-) -> dict:
-    """Totals from XLA's per-step FLOPs and the steps each phase ran. `phases(training)`
-    returns FLOPs spent beside the training epochs and the method's own report keys."""
-    batch_size = ctx.pipeline.batch_size
-    steps = ip.steps_per_epoch(ctx.splits["train"], batch_size)
-    eval_batches = -(-len(ctx.splits["validation"]) // batch_size)
-    test_batches = -(-len(ctx.splits["test"]) // batch_size)
-    training = result.train_epochs * steps * costs.train_step
-    evaluation_flops = (
-        result.train_epochs * eval_batches
-        + models_evaluated * (eval_batches + test_batches)
-    ) * costs.eval_step
-    out = {
-        "method": label,
-        "source": "XLA cost analysis of the compiled steps",
-        "model_params_millions": costs.params / 1e6,
-        "inference_gflops": costs.eval_step / costs.batch_size / 1e9,
-        "train_step_gflops": costs.train_step / 1e9,
-        "training_gflops": training / 1e9,
-        "evaluation_gflops": evaluation_flops / 1e9,
-        "n_sources": len(ctx.source_bins),
-    }
-    if phases is not None:
-        extra, keys = phases(training)
-        out |= keys
-        training += extra
-    out["total_gflops"] = (training + evaluation_flops) / 1e9
-    return out
+    flops: Callable[[Context, MethodResult, StepCosts], dict],
+    recipe: Callable[[Any], Any],
+    reference_names: dict[str, str],
+    description: str,
+) -> Method:
+    """A baseline configured by its own section `config.<name>` (FUSION, PEARL): the
+    section is its hyperparameters, `recipe(config)` reads and checks it, and
+    `reference_names` maps the reference's `hyperparameters` keys to the section's."""
+    return Method(
+        name,
+        run,
+        lambda config: config[name].to_dict(),
+        flops=flops,
+        reference_hyperparameters=lambda config: {
+            theirs: config[name][ours] for theirs, ours in reference_names.items()
+        },
+        memory_marks=reference_format.MEMORY_CHECKPOINTS[name],
+        check=recipe,
+        description=description,
+    )

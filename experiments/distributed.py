@@ -9,24 +9,30 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize (auto-detects TPU/SLURM/etc.)."
-)
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_CPU_COLLECTIVES = flags.DEFINE_string(
-    "cpu_collectives", None, "CPU collectives between processes, e.g. 'gloo'."
-)
+
+def define_flags() -> None:
+    """The multi-host flags; a command calls this when it runs as a command."""
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Call jax.distributed.initialize (auto-detects TPU/SLURM/etc.).",
+    )
+    flags.DEFINE_string("coordinator", None, "host:port of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+    flags.DEFINE_integer("process_id", None, "This process's index.")
+    flags.DEFINE_string(
+        "cpu_collectives", None, "CPU collectives between processes, e.g. 'gloo'."
+    )
 
 
 def initialize() -> None:
     """Joins a multi-process job when any of the flags asks for one."""
-    if _CPU_COLLECTIVES.value:
-        jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
-    if _DISTRIBUTED.value or _COORDINATOR.value:
+    given = flags.FLAGS
+    if given.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", given.cpu_collectives)
+    if given.distributed or given.coordinator:
         jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
+            coordinator_address=given.coordinator,
+            num_processes=given.num_processes,
+            process_id=given.process_id,
         )

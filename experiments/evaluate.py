@@ -21,10 +21,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, reference_format, report, settings
+from experiments import cli, report, settings
 from experiments import sources as src
 from experiments.configs import CONFIG_DIR, expand_config_argument
-from grasp_jax import checkpoints, evaluation, interop, metrics
+from grasp_jax import checkpoints, evaluation, interop, metrics, models
 
 
 def define_flags() -> None:
@@ -64,7 +64,7 @@ def evaluate_checkpoint(config, path: Path, bin_name: str, workdir: Path) -> dic
         "checkpoint": str(path),
         "dataset": config.dataset,
         "target": bin_name,
-        "model": reference_format.model_string(config.model),
+        "model": models.reference_name(config.model),
         "zoo_model": config.model,
     }
     for key, split in (("val_metrics", "validation"), ("test_metrics", "test")):

@@ -20,12 +20,14 @@ from absl import app, flags
 from experiments import cli
 from grasp_jax import checkpoints, interop
 
-_MODEL = flags.DEFINE_enum("model", None, sorted(interop.LAYOUTS), "Zoo model name.")
-_WEIGHTS = flags.DEFINE_string("weights", None, "PyTorch weights (file or HF directory).")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", None, "Classes of the new head.")
-_OUT = flags.DEFINE_string("out", None, "Checkpoint folder to write.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of a new head's initialisation.")
-flags.mark_flags_as_required(["model", "weights", "num_classes", "out"])
+
+def define_flags() -> None:
+    flags.DEFINE_enum("model", None, sorted(interop.LAYOUTS), "Zoo model name.")
+    flags.DEFINE_string("weights", None, "PyTorch weights (file or HF directory).")
+    flags.DEFINE_integer("num_classes", None, "Classes of the new head.")
+    flags.DEFINE_string("out", None, "Checkpoint folder to write.")
+    flags.DEFINE_integer("seed", 0, "Seed of a new head's initialisation.")
+    flags.mark_flags_as_required(["model", "weights", "num_classes", "out"])
 
 
 def import_weights(model: str, weights: str, num_classes: int, out: str, seed: int = 0):
@@ -49,13 +51,15 @@ def import_weights(model: str, weights: str, num_classes: int, out: str, seed: i
 
 def main(argv):
     del argv
+    given = flags.FLAGS
     with cli.one_line_errors("experiments.import_weights"):
         path, new_head = import_weights(
-            _MODEL.value, _WEIGHTS.value, _NUM_CLASSES.value, _OUT.value, _SEED.value
+            given.model, given.weights, given.num_classes, given.out, given.seed
         )
     head = "a new head" if new_head else "the checkpoint's head"
-    print(f"wrote {path} ({_MODEL.value}, {_NUM_CLASSES.value} classes, {head})")
+    print(f"wrote {path} ({given.model}, {given.num_classes} classes, {head})")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -8,31 +8,23 @@ Flags and config in, `runner.run_experiment` out: sources, every method of
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
-from experiments import cli, distributed, report, runner
-from experiments.configs import CONFIG_DIR, expand_config_argument
-
-_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config>).")
+from experiments import cli, report, runner
+from experiments.configs import expand_config_argument
 
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    distributed.initialize()
-    config = _CONFIG.value
-    workdir = Path(_WORKDIR.value or f"runs/{config.name}")
-    with cli.one_line_errors("experiments.main"):
-        cli.check_workdir(workdir)
-        summary = runner.run_experiment(config, workdir)
+    config, workdir, summary = cli.run_experiment_command(
+        "experiments.main", runner.run_experiment
+    )
     print()
     print(report.summary_markdown(summary, f"{config.dataset} / {config.model}"))
     print(f"results in {workdir / 'results' / config.dataset}; {summary['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
+    cli.define_experiment_flags()
     app.run(main, argv=expand_config_argument(sys.argv))

@@ -1,6 +1,6 @@
-"""The official PyTorch code's output format (REFERENCE.md 6), so that scripts written for
-its results read ours unchanged: its model strings in folder and file names, its memory
-keys, its multi-trial summary text. Our own keys stay beside its keys.
+"""The official PyTorch code's output format (docs/reference.md §6), so that scripts
+written for its results read ours unchanged: its model strings in folder and file names,
+its memory keys, its multi-trial summary text. Our own keys stay beside its keys.
 
 Deliberate deviations (README, "Side by side with the PyTorch code"): the summary text
 files go to `results/<dataset>/`, not the working directory; threshold folders use
@@ -12,15 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-# Our zoo names -> the reference's `--model` strings (REFERENCE.md 3.1).
-MODEL_STRINGS = {
-    "mobilevit_xxs": "mobilevit-xxs",
-    "mobilevit_xs": "mobilevit-xs",
-    "efficientnet_b1": "efficientnet-b1",
-    "resnet50": "resnet-50",
-    "small_cnn": "small-cnn",
-}
-# The memory checkpoints the reference samples, per method (REFERENCE.md 6.2).
+from grasp_jax import models
+
+# The memory checkpoints the reference samples, per method (docs/reference.md §6).
 MEMORY_CHECKPOINTS = {
     "grasp": (
         "experiment_start",
@@ -52,18 +46,15 @@ MEMORY_CHECKPOINTS = {
         "composition_learned",
         "experiment_end",
     ),
+    # Ours: the weight-space merges have no reference runner.
+    "weight_merge": (
+        "experiment_start",
+        "data_loaded",
+        "models_merged",
+        "finetuning_complete",
+        "experiment_end",
+    ),
 }
-
-
-def model_string(model: str) -> str:
-    """The reference's name of a zoo model (`resnet50` -> `resnet-50`)."""
-    return MODEL_STRINGS.get(model, model.replace("_", "-"))
-
-
-def zoo_name(model: str) -> str:
-    """Our zoo name of a model written either way (`resnet-50` or `resnet50`)."""
-    inverse = {v: k for k, v in MODEL_STRINGS.items()}
-    return inverse.get(model, model)
 
 
 def memory_fields(memory_log: dict[str, dict], device: str) -> dict:
@@ -111,7 +102,13 @@ def memory_fields(memory_log: dict[str, dict], device: str) -> dict:
         "gpu_id": 0 if on_device else None,
         "is_cuda": device == "gpu",
     }
-    profile = {
+    profile = _profile(checkpoints, top, device, gpu_memory, source)
+    return {"gpu_memory": gpu_memory, "memory_checkpoints": checkpoints, "profile": profile}
+
+
+def _profile(checkpoints: dict, top, device: str, gpu_memory: dict, source: str) -> dict:
+    """The body of `memory_profile.json`."""
+    return {
         "checkpoints": checkpoints,
         "peak": {
             "pytorch_peak_allocated_mb": top,
@@ -129,20 +126,19 @@ def memory_fields(memory_log: dict[str, dict], device: str) -> dict:
         "baseline_overhead_mb": 0.0,
         "memory_source": source,
     }
-    return {"gpu_memory": gpu_memory, "memory_checkpoints": checkpoints, "profile": profile}
 
 
 def summary_file_name(method: str, folder_suffix: str, model: str, dataset: str) -> str:
     """`grasp_30_mobilevit-xxs_clear10_summary.txt`, `ensemble_resnet-50_yearbook_...`."""
-    return f"{method}{folder_suffix}_{model_string(model)}_{dataset}_summary.txt"
+    return f"{method}{folder_suffix}_{models.reference_name(model)}_{dataset}_summary.txt"
 
 
 def summary_text(method: str, records: list[dict], dataset: str, model: str) -> str:
-    """The reference's multi-trial summary (REFERENCE.md 6.4): per target (sorted), test
+    """The reference's multi-trial summary (docs/reference.md §6): per target (sorted), test
     accuracy (%, 2 decimals), precision, recall, F1 (4 decimals) as mean ± population
     std over trials, the first trial's FLOPs, memory and time; then all targets pooled."""
     lines = [
-        f"{method.upper()} results: {dataset}, {model_string(model)}",
+        f"{method.upper()} results: {dataset}, {models.reference_name(model)}",
         "=" * 60,
     ]
     by_target: dict[str, list[dict]] = {}

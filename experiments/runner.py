@@ -20,23 +20,25 @@ from pathlib import Path
 
 from absl import logging
 
-from experiments import methods, reference_format, report, settings
+from experiments import methods, reference_format, report, settings, source_matrix
 from experiments import sources as src
-from grasp_jax import flops, memory
+from experiments.context import Context, Method
+from experiments.flops_report import StepCosts
+from grasp_jax import flops, memory, models
 
 
 def run_name(config, target: str, method: str, trial: int) -> str:
     """The reference's folder name: `<model string>_<target>_<method>[_<thr>]_trial<k>`."""
     suffix = methods.REGISTRY[method].folder_suffix(config)
-    model = reference_format.model_string(config.model)
+    model = models.reference_name(config.model)
     return f"{model}_{target}_{method}{suffix}_trial{trial}"
 
 
-def step_costs(config) -> methods.StepCosts:
+def step_costs(config) -> StepCosts:
     """FLOPs of the compiled train, eval and merge programs for this config's model."""
     model, abstract = src.model_and_abstract(config)
     step = flops.step_flops(model, abstract, settings.pipeline(config))
-    return methods.StepCosts(
+    return StepCosts(
         train_step=step["train_step"],
         eval_step=step["eval_step"],
         batch_size=step["batch_size"],
@@ -79,7 +81,7 @@ def run_methods(config, workdir: Path, *, progress: bool = True) -> list[dict]:
     results_dir = workdir / "results" / config.dataset
     title = f"{config.dataset} / {config.model}"
     if not (results_dir / "source_matrix.json").exists():
-        matrix = src.source_matrix(config, workdir, progress=progress)
+        matrix = source_matrix.compute(config, workdir, progress=progress)
         report.write_source_matrix(results_dir, matrix, title)
     costs = step_costs(config)
     results = []
@@ -93,38 +95,36 @@ def run_methods(config, workdir: Path, *, progress: bool = True) -> list[dict]:
         for trial in range(1, config.trials + 1):
             # One seed per (target, trial), shared by every method: paired runs.
             seed = settings.config_seed(config, "run", t_index, trial)
-            ctx = methods.Context(config, workdir, target, bins, splits, seed, progress)
+            ctx = Context(config, workdir, target, bins, splits, seed, progress)
             for name in methods.selected(config):
                 method = methods.REGISTRY[name]
                 out_dir = results_dir / run_name(config, target, name, trial)
                 if (out_dir / "metrics.json").exists():
                     results.append(
-                        reuse_finished(out_dir, method, run_settings(ctx, method))
+                        reuse_finished(out_dir, method, run_dependencies(ctx, method))
                     )
                     continue
                 results.append(run_one(ctx, method, trial, costs, out_dir, class_names))
     return results
 
 
-def run_settings(ctx: methods.Context, method: methods.Method) -> dict:
+def run_dependencies(ctx: Context, method: Method) -> dict:
     """Everything a run's numbers depend on, recorded with it and compared on reuse."""
     config = ctx.config
-    return {
-        "hyperparameters": method.hyperparameters(config),
-        "seed": ctx.seed,
-        "sources": ctx.source_bins,
-        "data_version": str(ctx.splits["train"].dataset_info.version),
-        "model": config.model,
-        "model_overrides": config.model_overrides.to_dict(),
-        "num_classes": config.num_classes,
-        "pipeline": config.pipeline.to_dict(),
-        "init": config.init,
-        "pretrain": config.pretrain.to_dict() if config.init == "pretrain" else None,
-        "source_training": config.source_training.to_dict(),
-    }
+    return (
+        settings.model_dependencies(config)
+        | settings.start_dependencies(config)
+        | {
+            "data_version": str(ctx.splits["train"].dataset_info.version),
+            "hyperparameters": method.hyperparameters(config),
+            "seed": ctx.seed,
+            "sources": ctx.source_bins,
+            "source_training": config.source_training.to_dict(),
+        }
+    )
 
 
-def reuse_finished(out_dir: Path, method: methods.Method, expected: dict) -> dict:
+def reuse_finished(out_dir: Path, method: Method, expected: dict) -> dict:
     """A finished run, reused only if every setting its numbers depend on is the same:
     result folders are named as the reference's (threshold only), so runs with other
     settings, seeds or data would otherwise be mixed into the summary."""
@@ -139,7 +139,10 @@ def reuse_finished(out_dir: Path, method: methods.Method, expected: dict) -> dic
     return record
 
 
-def memory_checkpoint(log: dict, name: str) -> None:
+def memory_checkpoint(log: dict, marks: tuple[str, ...], name: str) -> None:
+    """Samples memory under `name`, one of the method's declared `marks`."""
+    if name not in marks:
+        raise ValueError(f"memory mark {name!r} is not among the method's {marks}")
     log[name] = {
         "host_rss_mb": _mb(memory.current_host_memory_bytes()),
         "host_peak_mb": _mb(memory.peak_host_memory_bytes()),
@@ -152,17 +155,17 @@ def _mb(value):
 
 
 def run_one(
-    ctx: methods.Context,
-    method: methods.Method,
+    ctx: Context,
+    method: Method,
     trial: int,
-    costs: methods.StepCosts,
+    costs: StepCosts,
     out_dir: Path,
     class_names: list[str],
 ) -> dict:
     """One (target, method, trial): run, evaluate, write every result file."""
     memory_log: dict = {}
     per_run = memory.reset_peak_host_memory()  # this run's peak, not the process's
-    ctx.mark = functools.partial(memory_checkpoint, memory_log)
+    ctx.mark = functools.partial(memory_checkpoint, memory_log, method.memory_marks)
     ctx.out_dir = out_dir
     ctx.mark("experiment_start")
     ctx.mark("data_loaded")  # the runner loaded the target's splits before the run
@@ -174,7 +177,7 @@ def run_one(
         ctx, method, trial, result, seconds, costs, memory_log
     )
     record["memory"]["host_peak_scope"] = "this run" if per_run else "this process so far"
-    record["settings"] = run_settings(ctx, method)
+    record["settings"] = run_dependencies(ctx, method)
     title = f"{method.name} on {ctx.target}"
     report.write_run(out_dir, record, profile, class_names, title)
     record["method_label"] = method.name

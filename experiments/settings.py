@@ -3,27 +3,19 @@ before any work starts: an unknown name is one ConfigError that lists the valid 
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
 import ml_collections
 
 from data.build import BUILDERS
-from experiments.baseline_settings import FusionConfig, PearlConfig
 from grasp_jax import interop, models, seeding
 from grasp_jax.grasp import GraspConfig
 from grasp_jax.input_pipeline import PipelineConfig
 from grasp_jax.recipe import TrainConfig
 
 SOURCE_CHOICES = ("all", "past")
-# Ranges the merge hyperparameters must lie in (DARE's rate < 1: it divides by 1 - rate).
-MERGING_BOUNDS = {
-    "task_arithmetic": {"scale": (0.0, 10.0)},
-    "ties": {"keep": (0.0, 1.0), "scale": (0.0, 10.0)},
-    "dare": {"rate": (0.0, 0.999), "scale": (0.0, 10.0)},
-    "magmax": {"scale": (0.0, 10.0)},
-    "fisher": {"floor": (0.0, 1.0)},
-}
 
 
 class ConfigError(ValueError):
@@ -52,37 +44,17 @@ def requested_methods(config: ml_collections.ConfigDict) -> list[str]:
     return [n.strip() for item in items for n in re.split("[,+]", item) if n.strip()]
 
 
-def merging_settings(config: ml_collections.ConfigDict) -> dict:
-    """`config.merging` checked: the fine-tuning epochs and each merger's settings."""
-    section = config.merging
-    if section.finetune_epochs < -1:
-        raise ValueError(
-            f"merging.finetune_epochs={section.finetune_epochs}; use -1 (GRASP's "
-            "budget), 0 (no fine-tuning) or a number of epochs"
-        )
-    for name, bounds in MERGING_BOUNDS.items():
-        for key, (low, high) in bounds.items():
-            value = section[name][key]
-            if not low <= value <= high:
-                raise ValueError(
-                    f"merging.{name}.{key}={value}; use a value in [{low}, {high}]"
-                )
-    if section.fisher.examples < 1:
-        raise ValueError(f"merging.fisher.examples={section.fisher.examples}; use >= 1")
-    return section.to_dict()
-
-
-def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
-    """Validates the whole config; returns the targets. `method_names`: the registry's."""
+def check(config: ml_collections.ConfigDict, registry=None) -> list[str]:
+    """Validates the whole config; returns the targets. `registry`: the methods (name ->
+    `Method`), whose names are the valid ones and whose checks read their sections."""
+    method_checks = dict.fromkeys(m.check for m in (registry or {}).values())
     try:
         for read in (
             lambda: pipeline(config),
             lambda: recipe(config.source_training),
             lambda: recipe(config.pretrain),
             lambda: grasp(config),
-            lambda: FusionConfig(**config.fusion.to_dict()),
-            lambda: PearlConfig(**config.pearl.to_dict()),
-            lambda: merging_settings(config),
+            *(functools.partial(method_check, config) for method_check in method_checks),
         ):
             read()
     except (TypeError, ValueError) as err:
@@ -103,11 +75,11 @@ def check(config: ml_collections.ConfigDict, method_names=None) -> list[str]:
     if config.save_final:
         _check_save_final(config)
     _check_mesh(config)
-    if method_names is not None:
-        unknown = sorted(set(requested_methods(config)) - {"all", *method_names})
+    if registry is not None:
+        unknown = sorted(set(requested_methods(config)) - {"all", *registry})
         if unknown:
             raise ConfigError(
-                f"unknown method(s) {unknown}; choose from {list(method_names)} or all"
+                f"unknown method(s) {unknown}; choose from {list(registry)} or all"
             )
     if config.sources not in SOURCE_CHOICES:
         raise ConfigError(
@@ -148,6 +120,24 @@ def _check_save_final(config) -> None:
             "config.save_final writes a PyTorch checkpoint: install the torch extra "
             "(pip install -e '.[torch]') or set save_final=False"
         ) from None
+
+
+def model_dependencies(config: ml_collections.ConfigDict) -> dict:
+    """What any model's numbers depend on beside its own recipe and seed: part of the
+    settings recorded with every source and run and compared before either is reused."""
+    return {
+        "data_version": str(BUILDERS[config.dataset].VERSION),
+        "model": config.model,
+        "model_overrides": config.model_overrides.to_dict(),
+        "num_classes": config.num_classes,
+        "pipeline": config.pipeline.to_dict(),
+    }
+
+
+def start_dependencies(config: ml_collections.ConfigDict) -> dict:
+    """The shared start the sources were trained from."""
+    pretrain = config.pretrain.to_dict() if config.init == "pretrain" else None
+    return {"init": config.init, "pretrain": pretrain}
 
 
 def config_seed(config: ml_collections.ConfigDict, name: str, *indices: int) -> int:

@@ -15,12 +15,10 @@ from pathlib import Path
 import jax
 import ml_collections
 from tensorboardX import SummaryWriter
-from tqdm.auto import tqdm
 
-from data.build import BUILDERS
 from data.build import load_splits as load_data_splits
 from experiments import report, settings
-from grasp_jax import checkpoints, evaluation, loop, models
+from grasp_jax import checkpoints, loop, models
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> str:
@@ -65,22 +63,16 @@ def restore_source(config, workdir: Path, bin_name: str, abstract=None) -> dict:
     )
 
 
-def source_settings(config, section: str, seed: int) -> dict:
+def source_dependencies(config, section: str, seed: int) -> dict:
     """Everything a source's weights depend on (`section`: its recipe, `source_training`
     or `pretrain`), saved with it and compared before it is reused or resumed."""
-    out = {
+    out = settings.model_dependencies(config) | {
         "dataset": config.dataset,
-        "data_version": str(BUILDERS[config.dataset].VERSION),
-        "model": config.model,
-        "model_overrides": config.model_overrides.to_dict(),
-        "num_classes": config.num_classes,
-        "pipeline": config.pipeline.to_dict(),
         "recipe": config[section].to_dict(),
         "seed": seed,
     }
     if section == "source_training":
-        out["init"] = config.init
-        out["pretrain"] = config.pretrain.to_dict() if config.init == "pretrain" else None
+        out |= settings.start_dependencies(config)
     return out
 
 
@@ -114,7 +106,7 @@ def train_one(
     splits = load_splits(config, workdir, data_config)
     run_dir = workdir / "train_state" / config.dataset / config.model / name
     recipe = settings.recipe(config[section])
-    expected = source_settings(config, section, seed)
+    expected = source_dependencies(config, section, seed)
     _check_resume(run_dir, expected)
     result = loop.fit(
         module,
@@ -190,7 +182,9 @@ def initial_variables(config, workdir: Path, writer) -> dict:
         return checkpoints.restore_variables(config.init, abstract, name="init", fix=fix)
     name = "_pretrained"
     seed = settings.config_seed(config, "pretrain")
-    if not reuse_checked(config, workdir, name, source_settings(config, "pretrain", seed)):
+    if not reuse_checked(
+        config, workdir, name, source_dependencies(config, "pretrain", seed)
+    ):
         fresh = fresh_variables(config, settings.config_seed(config, "pretrain_init"))
         train_one(
             config,
@@ -213,7 +207,7 @@ def train_sources(config, workdir: Path) -> dict[str, dict]:
         (index, b)
         for index, b in enumerate(config.bins)
         if not reuse_checked(
-            config, workdir, b, source_settings(config, "source_training", seeds[index])
+            config, workdir, b, source_dependencies(config, "source_training", seeds[index])
         )
     ]
     # One process writes the event files, and only when something trains; every
@@ -240,36 +234,3 @@ def train_sources(config, workdir: Path) -> dict[str, dict]:
     return {
         b: checkpoints.read_metadata(source_dir(config, workdir, b)) for b in config.bins
     }
-
-
-def source_matrix(config, workdir: Path, *, progress: bool = True) -> dict:
-    """Test accuracy of the shared start and of every source on every bin's test split.
-
-    With `init="pretrain"` also the start's accuracy on the pool's own test split. Shows
-    how far each source transfers: well on its own bin, less on distant ones.
-    """
-    model, abstract = model_and_abstract(config)
-    pipeline = settings.pipeline(config)
-    tests = [load_splits(config, workdir, b)["test"] for b in config.bins]
-
-    def accuracies(variables) -> list[float]:
-        return [
-            evaluation.predict(model, variables, test, pipeline)["accuracy"]
-            for test in tests
-        ]
-
-    start = initial_variables(config, workdir, writer=None)
-    accuracy = [accuracies(start)]
-    for bin_name in tqdm(config.bins, desc="source matrix", disable=not progress):
-        accuracy.append(accuracies(restore_source(config, workdir, bin_name, abstract)))
-    matrix = {
-        "rows": ["pretrained", *config.bins],
-        "columns": list(config.bins),
-        "accuracy": accuracy,
-    }
-    if config.init == "pretrain":
-        pool = load_splits(config, workdir, config.pretrain.data_config)["test"]
-        matrix["pretrained_pool_test_accuracy"] = evaluation.predict(
-            model, start, pool, pipeline
-        )["accuracy"]
-    return matrix

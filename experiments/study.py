@@ -17,25 +17,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
-from experiments import cli, distributed, report, runner
-from experiments.configs import CONFIG_DIR, expand_config_argument
+from experiments import cli, report, runner
+from experiments.configs import expand_config_argument
+from grasp_jax.alignment import GRANULARITIES
 from grasp_jax.grasp import NOTHING_MOVES
+from grasp_jax.transfer import MODES
 
 THRESHOLDS = (-1.0, 0.0, 0.1, 0.3, 0.5, 0.7, NOTHING_MOVES)
-GRANULARITIES = ("tensor", "channel", "element")
-MODES = ("hard", "soft")
 STAGED = (
     "grasp",
     NOTHING_MOVES,
     "tensor",
     "hard",
 )  # nothing moves: the baseline of the study
-
-_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config>).")
 
 
 def variants() -> list[tuple[str, float, str, str]]:
@@ -91,16 +87,11 @@ def run_study(config, workdir: Path, *, progress: bool = True) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
-    distributed.initialize()
-    config = _CONFIG.value
-    workdir = Path(_WORKDIR.value or f"runs/{config.name}")
-    with cli.one_line_errors("experiments.study"):
-        cli.check_workdir(workdir)
-        study = run_study(config, workdir)
+    config, workdir, study = cli.run_experiment_command("experiments.study", run_study)
     print(report.study_markdown(study, f"{config.dataset} / {config.model}"))
     print(f"results in {workdir / 'results' / config.dataset}/study.{{json,md,png}}")
 
 
 if __name__ == "__main__":
+    cli.define_experiment_flags()
     app.run(main, argv=expand_config_argument(sys.argv))

@@ -10,31 +10,27 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app
 
-from experiments import cli, distributed, settings
-from experiments.configs import CONFIG_DIR, expand_config_argument
+from experiments import cli, settings
+from experiments.configs import expand_config_argument
 from experiments.sources import train_sources
 from grasp_jax import memory
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/<config>).")
+
+def checked_train_sources(config, workdir):
+    """`train_sources` after checking the config."""
+    settings.check(config)
+    return train_sources(config, workdir)
 
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    distributed.initialize()
-    config = _CONFIG.value
-    workdir = Path(_WORKDIR.value or f"runs/{config.name}")
     start = time.perf_counter()
-    with cli.one_line_errors("experiments.train_sources"):
-        settings.check(config)
-        cli.check_workdir(workdir)
-        summary = train_sources(config, workdir)
+    _, workdir, summary = cli.run_experiment_command(
+        "experiments.train_sources", checked_train_sources
+    )
     print(f"\n{'bin':<12}{'best val acc':>14}{'epoch':>7}{'seconds':>9}")
     for bin_name, meta in summary.items():
         print(
@@ -49,4 +45,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.define_experiment_flags()
     app.run(main, argv=expand_config_argument(sys.argv))

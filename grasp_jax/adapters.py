@@ -2,7 +2,7 @@
 
 An adapter on a layer adds `(x @ A) @ B` to the layer's output, `x` being the layer's
 input (for a convolution, taken at the layer's stride: a 1x1 convolution A, then a 1x1
-convolution B). Which layers get one follows the reference (REFERENCE.md 5.3): every
+convolution B). Which layers get one follows the reference (docs/reference.md §5): every
 layer with a `kernel` parameter whose input and output have at least 16 channels, except
 those whose path names a `head` or `classifier`, and only where the adapter's output
 shape equals the layer's. A is N(0, 0.01^2) for dense layers and Kaiming-normal for

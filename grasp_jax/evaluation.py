@@ -46,10 +46,10 @@ def evaluate(
     shard ran out feeds empty ones), so their collectives always meet.
     """
     devices = jax.local_device_count()
-    local = ip.local_batch_size(pipeline.batch_size)
-    size = -(-local // devices) * devices
+    local_batch = ip.local_batch_size(pipeline.batch_size)
+    size = -(-local_batch // devices) * devices
     per_process = -(-len(split) // jax.process_count())
-    num_batches = -(-per_process // local)
+    num_batches = -(-per_process // local_batch)
     crop = pipeline.crop_size
     empty = {
         "image": np.zeros((0, crop, crop, 3), np.uint8),
@@ -61,15 +61,15 @@ def evaluate(
     total = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     logits, labels = [], []
     for batch in itertools.islice(batches, num_batches):
-        local = pad_batch(batch, size)
-        out = eval_step(variables, ip.shard_batch(local, batch_sharding))
+        padded = pad_batch(batch, size)
+        out = eval_step(variables, ip.shard_batch(padded, batch_sharding))
         for key in total:
             total[key] += out[key].item()
         global_logits = multihost_utils.process_allgather(out["logits"], tiled=True)
-        global_valid = multihost_utils.process_allgather(local["valid"], tiled=True) > 0
+        global_valid = multihost_utils.process_allgather(padded["valid"], tiled=True) > 0
         logits.append(np.asarray(global_logits)[global_valid])
         labels.append(
-            multihost_utils.process_allgather(local["label"], tiled=True)[global_valid]
+            multihost_utils.process_allgather(padded["label"], tiled=True)[global_valid]
         )
     count = max(total["count"], 1.0)
     return {

@@ -27,7 +27,7 @@ def _accumulate(loss_fn: Callable, total: PyTree, params: PyTree, state, batch, 
 
 
 @functools.cache
-def _stateless(loss_fn: Callable) -> Callable:
+def _as_stateful(loss_fn: Callable) -> Callable:
     """`loss_fn(params, batch, *rest)` in the stateful form (cached: one compilation)."""
 
     def threaded(params, state, batch, *rest):
@@ -54,7 +54,7 @@ def summed_gradients(
     reuse the compiled step. Raises ValueError on no batches.
     """
     stateful = state is not _NO_STATE
-    step_fn = loss_fn if stateful else _stateless(loss_fn)
+    step_fn = loss_fn if stateful else _as_stateful(loss_fn)
     carried = state if stateful else None
     total = None
     for batch in batches:

@@ -1,7 +1,7 @@
 """GRASP as a sequencer: one source at a time, merged by gradient alignment.
 
-As the reference codes it (REFERENCE.md 4): fine-tune the first source on the target for
-`initial_epochs`; then for each further source: restore it, sum both models' gradients
+As the reference codes it (docs/reference.md §4): fine-tune the first source on the target
+for `initial_epochs`; then for each further source: restore it, sum both models' gradients
 over `num_alignment_batches` target-train batches (the current model in train mode, so
 dropout is on and its BatchNorm statistics move, as in the reference; the source in eval
 mode), `merge_step`, then fine-tune for `finetune_epochs`. BatchNorm statistics never
@@ -43,7 +43,7 @@ NOTHING_MOVES = 1.01
 
 @dataclasses.dataclass(frozen=True)
 class GraspConfig:
-    """GRASP's hyperparameters; defaults are the reference's (REFERENCE.md 1.5, 4)."""
+    """GRASP's hyperparameters; defaults are the reference's (docs/reference.md §1, §4)."""
 
     initial_epochs: int = 3
     finetune_epochs: int = 3
@@ -79,6 +79,11 @@ class GraspConfig:
             raise ValueError(
                 f"grasp.learning_rate={self.learning_rate!r}; use a positive number"
             )
+
+    def total_epochs(self, sources: int) -> int:
+        """Training epochs of a GRASP run over `sources` sources: the budget the
+        fine-tuning baselines get, so that they train exactly as long."""
+        return self.initial_epochs + self.finetune_epochs * (sources - 1)
 
     def stage_config(self, epochs: int) -> recipe.TrainConfig:
         """The reference's `fine_tune_model`: plain AdamW, cosine per epoch, no clipping."""

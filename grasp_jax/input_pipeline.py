@@ -1,6 +1,6 @@
 """Input pipelines: grain on the host (decode, resize, crop), augmentation on device.
 
-The reference's transforms (REFERENCE.md 2.4): train = resize the shorter side to 256,
+The reference's transforms (docs/reference.md §2): train = resize the shorter side to 256,
 random 224 crop, horizontal flip, colour jitter (brightness/contrast/saturation 0.2, hue
 0.1); eval = resize 256, centre crop 224; ImageNet mean/std. The host does only what
 changes image sizes and ships uint8; flips, jitter and normalisation run batched inside

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,19 +35,16 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from grasp_jax import files, models
 
-# Each model's layouts; the first is the default for export.
-LAYOUTS = {
-    "resnet50": ("torchvision", "reference", "hf"),
-    "efficientnet_b1": ("hf",),
-    "mobilevit_xxs": ("hf",),
-    "mobilevit_xs": ("hf",),
+# Each model with a PyTorch layout: its layouts (the first is the default for export)
+# and the canonical head's key prefix.
+_PYTORCH = {
+    "resnet50": (("torchvision", "reference", "hf"), "fc."),
+    "efficientnet_b1": (("hf",), "classifier."),
+    "mobilevit_xxs": (("hf",), "classifier."),
+    "mobilevit_xs": (("hf",), "classifier."),
 }
-HEAD_PREFIX = {  # the canonical head's key prefix
-    "resnet50": "fc.",
-    "efficientnet_b1": "classifier.",
-    "mobilevit_xxs": "classifier.",
-    "mobilevit_xs": "classifier.",
-}
+LAYOUTS = {name: layouts for name, (layouts, _) in _PYTORCH.items()}
+HEAD_PREFIX = {name: head for name, (_, head) in _PYTORCH.items()}
 _LEAF_NAMES = {
     ("params", "kernel"): "weight",
     ("params", "scale"): "weight",
@@ -396,15 +392,5 @@ def save_safetensors(
     """Write `variables` as a PyTorch-layout safetensors file (atomically)."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = export_numpy(name, variables, layout=layout)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        temporary = Path(tmp.name)
-    try:
-        save_file(state, str(temporary))
-        os.chmod(temporary, files.public_mode())  # not the temp file's 0600
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return files.write_atomic(path, lambda tmp: save_file(state, str(tmp)))

@@ -2,7 +2,7 @@
 
 The K models' variables are stacked along a leading axis (`stack`) and the member model
 is `vmap`ped over it, so one jitted step trains all K jointly through the averaged
-logits, as the reference's FUSION does (REFERENCE.md 5.2). Memory grows with K: that is
+logits, as the reference's FUSION does (docs/reference.md §5). Memory grows with K: that is
 the method.
 """
 

@@ -59,8 +59,8 @@ def trim_host_heap() -> bool:
 
     glibc keeps freed buffers below its (moving) mmap threshold resident, so every
     model-sized set of buffers a GRASP stage frees would stay in RSS and the next stage's
-    peak would stack on it: ResNet-50's fine-tune peak crept from 2289 to 2451 MiB over
-    five stages; trimmed before each fine-tune it stayed at 1861-1962 MiB (two runs).
+    peak would stack on it; trimming before each fine-tune keeps the host peak flat over
+    the stages (the figures: `benchmarks/grasp_memory.py`).
     """
     try:
         malloc_trim = ctypes.CDLL(None).malloc_trim

@@ -20,7 +20,7 @@ SCHEDULES = ("warmup_cosine", "cosine_per_epoch", "constant")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The source-training recipe; defaults are the reference's (REFERENCE.md 3.2)."""
+    """The source-training recipe; defaults are the reference's (docs/reference.md §3)."""
 
     epochs: int = 15
     learning_rate: float = 3e-4

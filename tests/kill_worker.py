@@ -74,7 +74,7 @@ def _dying_generator(owner, name: str, n: int) -> None:
 def _install(point: str, n: int) -> None:
     from data.digits_drift import DigitsDrift
     from experiments import report
-    from grasp_jax import checkpoints, grasp, train
+    from grasp_jax import checkpoints, files, grasp, train
 
     points = {
         "data_build": lambda: _dying_generator(DigitsDrift, "_generate_examples", n),
@@ -89,7 +89,7 @@ def _install(point: str, n: int) -> None:
             checkpoints, "save_variables", n, after=True
         ),
         "merge": lambda: _kill_on_call(grasp, "library_stage", n, after=True),
-        "result_rename": lambda: setattr(report, "os", _DyingOs(n)),
+        "result_rename": lambda: setattr(files, "os", _DyingOs(n)),
         "write_run": lambda: _kill_on_call(report, "write_run", n, after=True),
         "source_matrix": lambda: _kill_on_call(
             report, "write_source_matrix", n, after=False

@@ -9,7 +9,7 @@ import numpy as np
 
 
 def cosine(a: np.ndarray, b: np.ndarray, granularity: str, eps: float = 1e-8):
-    """Alignment score(s) of one leaf, as REFERENCE.md §4.1 and the issue define them."""
+    """Alignment score(s) of one leaf, as docs/reference.md §4 and the issue define them."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     if granularity == "element" or (granularity == "channel" and a.ndim <= 1):

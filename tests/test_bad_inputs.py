@@ -3,6 +3,7 @@ the file, key or value and the fix, and leave everything written before unchange
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -24,7 +25,7 @@ from data.folder_layout import LayoutError
 from experiments import cli, report, settings, sources
 from experiments.configs import digits, override
 from experiments.import_weights import import_weights
-from grasp_jax import checkpoints, interop, models
+from grasp_jax import checkpoints, files, interop, models
 from grasp_jax.checkpoints import CheckpointError
 from tests.test_data_builders import make_bin
 
@@ -341,13 +342,13 @@ def test_a_source_is_not_reused_after_the_seed_changed(tmp_path):
     config = digits.get_config()
     seed = settings.config_seed(config, "source", 0)
     path = sources.source_dir(config, tmp_path, "d0")
-    metadata = {"settings": sources.source_settings(config, "source_training", seed)}
+    metadata = {"settings": sources.source_dependencies(config, "source_training", seed)}
     assert not sources.reuse_checked(config, tmp_path, "d0", metadata["settings"])
     checkpoints.save_variables(path, small_variables(), metadata)
     before = snapshot(tmp_path)
     assert sources.reuse_checked(config, tmp_path, "d0", metadata["settings"])
     config.seed = 7
-    changed = sources.source_settings(
+    changed = sources.source_dependencies(
         config, "source_training", settings.config_seed(config, "source", 0)
     )
     with pytest.raises(
@@ -369,7 +370,7 @@ def test_an_interrupted_source_does_not_resume_under_another_recipe(digits_dir, 
     config.data_dir = str(digits_dir)
     seed = settings.config_seed(config, "source", 0)
     run_dir = tmp_path / "train_state" / config.dataset / config.model / "d0"
-    started = sources.source_settings(config, "source_training", seed)
+    started = sources.source_dependencies(config, "source_training", seed)
     report.write_json(run_dir / "settings.json", started)
     before = snapshot(tmp_path)
     config.source_training.epochs += 1
@@ -399,14 +400,13 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch)
     path = tmp_path / "summary.json"
     report.write_json(path, {"grasp": 0.9})
     before = snapshot(tmp_path)
-    real_mkstemp = report.tempfile.mkstemp
+    real_write_text = Path.write_text
 
-    def on_a_full_disk(**kwargs):  # the temp file is real; writes go to /dev/full
-        fd, name = real_mkstemp(**kwargs)
-        os.dup2(os.open("/dev/full", os.O_WRONLY), fd)
-        return fd, name
+    def on_a_full_disk(self, text, *args, **kwargs):  # half written, then ENOSPC
+        real_write_text(self, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(report.tempfile, "mkstemp", on_a_full_disk)
+    monkeypatch.setattr(Path, "write_text", on_a_full_disk)
     with pytest.raises(
         report.OutputError,
         match=r"could not write .*summary\.json \(No space left on device\); free some "
@@ -450,11 +450,11 @@ def test_result_files_are_written_beside_their_target_then_renamed(tmp_path, mon
         renamed.append((Path(src), Path(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(report.os, "replace", spy)
+    monkeypatch.setattr(files.os, "replace", spy)
     report.write_json(tmp_path / "out" / "m.json", {"a": np.float32(0.5), "p": tmp_path})
     ((src, dst),) = renamed
     assert src.parent == dst.parent == tmp_path / "out"  # same filesystem: atomic
-    assert src.name.startswith(".m.json.")  # hidden while incomplete
+    assert src.name.startswith(".m.")  # hidden while incomplete
     expected = '{\n  "a": 0.5,\n  "p": "' + str(tmp_path) + '"\n}'
     assert dst.read_text() == expected  # NumPy scalars as numbers, the rest as text
     assert stat.S_IMODE(dst.stat().st_mode) == 0o666 & ~_umask()

@@ -12,8 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import ensembles, methods, pearl, runner, weight_merges
+from experiments import methods, runner
 from experiments import sources as src
+from experiments.context import Context
+from experiments.methods import ensembles, pearl, weight_merges
 from experiments.reference_format import MEMORY_CHECKPOINTS
 from grasp_jax import adapters, evaluation, logit_average, merging, models
 from tests import pinned_experiment
@@ -262,7 +264,7 @@ def context(config, workdir, **changes):
         section, leaf = key.split(".")
         changed[section][leaf] = value
     splits = src.load_splits(changed, workdir, "d2")
-    return methods.Context(changed, workdir, "d2", ["d0", "d1"], splits, 7, False)
+    return Context(changed, workdir, "d2", ["d0", "d1"], splits, 7, False)
 
 
 def test_faithful_pearl_is_the_first_source_zero_shot(experiment):

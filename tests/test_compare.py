@@ -1,5 +1,6 @@
-"""`experiments.compare` on a results tree shaped as the reference writes it (REFERENCE.md
-6.1-6.2) and one shaped as ours: matched runs, statistics by hand, missing cells."""
+"""`experiments.compare` on a results tree shaped as the reference writes it
+(docs/reference.md §6) and one shaped as ours: matched runs, statistics by hand,
+missing cells."""
 
 from __future__ import annotations
 

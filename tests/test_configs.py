@@ -13,8 +13,9 @@ from ml_collections import config_flags
 
 from experiments import configs, methods, runner, settings
 from experiments.configs import clear10, clear100, digits, yearbook
+from experiments.context import Context
 
-# The reference's settings, written out from REFERENCE.md 3.2 and 4 (not read from code).
+# The reference's settings, written out from docs/reference.md §3-§4 (not from code).
 REFERENCE_GRASP = {
     "initial_epochs": 3,
     "finetune_epochs": 3,
@@ -155,15 +156,13 @@ def test_reuse_check_names_every_differing_key_path():
 def _context(config, tmp_path, seed=17):
     version = types.SimpleNamespace(version="1.2.0")
     train_split = types.SimpleNamespace(dataset_info=version)
-    return methods.Context(
-        config, tmp_path, "d2", ["d0", "d1"], {"train": train_split}, seed
-    )
+    return Context(config, tmp_path, "d2", ["d0", "d1"], {"train": train_split}, seed)
 
 
 def test_a_runs_settings_are_everything_its_numbers_depend_on(tmp_path):
     config = digits.get_config()
     method = methods.REGISTRY["grasp"]
-    got = runner.run_settings(_context(config, tmp_path), method)
+    got = runner.run_dependencies(_context(config, tmp_path), method)
     assert got == {
         "hyperparameters": method.hyperparameters(config),
         "seed": 17,
@@ -179,18 +178,18 @@ def test_a_runs_settings_are_everything_its_numbers_depend_on(tmp_path):
     }
     assert got["hyperparameters"]["threshold"] == config.grasp.threshold
     config.init = "scratch"  # no pretraining: its settings do not matter
-    assert runner.run_settings(_context(config, tmp_path), method)["pretrain"] is None
+    assert runner.run_dependencies(_context(config, tmp_path), method)["pretrain"] is None
 
 
 def test_a_finished_run_is_reused_only_under_the_same_settings(tmp_path):
     config = digits.get_config()
     method = methods.REGISTRY["grasp"]
-    expected = runner.run_settings(_context(config, tmp_path), method)
+    expected = runner.run_dependencies(_context(config, tmp_path), method)
     record = {"accuracy": 0.5, "method_label": "old name", "settings": expected}
     (tmp_path / "metrics.json").write_text(json.dumps(record))
     reused = runner.reuse_finished(tmp_path, method, expected)
     assert reused == {**record, "method_label": "grasp"}
-    other = runner.run_settings(_context(config, tmp_path, seed=18), method)
+    other = runner.run_dependencies(_context(config, tmp_path, seed=18), method)
     with pytest.raises(
         settings.ConfigError,
         match=rf"^{re.escape(str(tmp_path))} holds a finished run with other settings "

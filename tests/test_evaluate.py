@@ -14,7 +14,7 @@ import torch
 from experiments import evaluate, settings
 from experiments.configs import digits
 from grasp_jax import input_pipeline as ip
-from tests import torch_models
+from grasp_jax import torch_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,15 +114,13 @@ def test_save_final_writes_the_reference_state_dict_that_evaluate_reads(tmp_path
 
     import jax
 
-    from experiments import methods
+    from experiments import final_model
     from grasp_jax import models
 
     variables = models.init("mobilevit_xxs", 10, jax.random.PRNGKey(3), (1, 64, 64, 3))
     run = tmp_path / "mobilevit-xxs_d1_grasp_30_trial2"
-    ctx = types.SimpleNamespace(
-        out_dir=run, config=types.SimpleNamespace(model="mobilevit_xxs")
-    )
-    path = methods.save_final(ctx, variables)
+    config = types.SimpleNamespace(model="mobilevit_xxs")
+    path = final_model.save_pytorch(config, run, variables)
     assert path == run / "checkpoints" / "mobilevit-xxs_d1_grasp_30_final.ckpt"
     state = torch.load(path, weights_only=True)
     assert "classifier.weight" in state and not any(k.startswith("model.") for k in state)

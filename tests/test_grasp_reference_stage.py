@@ -1,4 +1,4 @@
-"""One GRASP transfer stage written in PyTorch the reference's way (REFERENCE.md 4.1,
+"""One GRASP transfer stage written in PyTorch the reference's way (docs/reference.md §4,
 steps 5.2-5.3) and ours on the same imported weights: the same tensors move, to the same
 values, and the BatchNorm statistics are the current model's after its train-mode pass.
 
@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 import grasp_jax as gj
-from grasp_jax import interop, models, objective
-from tests import torch_models
+from grasp_jax import interop, models, objective, torch_models
 
 NAME, CLASSES, THRESHOLD = "mobilevit_xxs", 10, 0.3
 

@@ -8,8 +8,8 @@ import pytest
 
 from experiments import import_weights, methods, runner, settings, sources
 from experiments.configs import clear10, clear100, yearbook
+from grasp_jax import torch_models
 from grasp_jax.checkpoints import CheckpointError
-from tests import torch_models
 
 
 @pytest.mark.parametrize(

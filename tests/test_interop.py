@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from grasp_jax import interop, models
-from tests import torch_models
+from grasp_jax import interop, models, torch_models
 
 ZOO = ["resnet50", "efficientnet_b1", "mobilevit_xxs", "mobilevit_xs"]
 

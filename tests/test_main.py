@@ -79,7 +79,7 @@ def test_every_method_writes_its_files(experiment):
     }
 
 
-# REFERENCE.md 6.2-6.4: what a script written for the official code reads.
+# docs/reference.md §6: what a script written for the official code reads.
 REFERENCE_KEYS = {
     "dataset", "target", "sources", "trial", "model", "method", "val_metrics",
     "test_metrics", "total_time_seconds", "total_time_minutes", "flops", "gpu_memory",
@@ -463,10 +463,10 @@ def test_only_process_zero_writes(experiment, tmp_path, monkeypatch):
     run = workdir / "results/digits_drift" / runner.run_name(config, "d2", "grasp", 1)
     record = json.loads((run / "metrics.json").read_text())
     profile = json.loads((run / "memory_profile.json").read_text())
-    monkeypatch.setattr(report.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(report.writers.jax, "process_index", lambda: 1)
     report.write_run(tmp_path / "run", record, profile, [str(i) for i in range(10)], "t")
     report.write_summary(tmp_path / "summary", summary, "t")
     assert not list(tmp_path.iterdir())
-    monkeypatch.setattr(report.jax, "process_index", lambda: 0)
+    monkeypatch.setattr(report.writers.jax, "process_index", lambda: 0)
     report.write_run(tmp_path / "run", record, profile, [str(i) for i in range(10)], "t")
     assert json.loads((tmp_path / "run/metrics.json").read_text()) == record

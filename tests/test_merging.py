@@ -201,17 +201,17 @@ def loaders_of(trees):
 @pytest.mark.parametrize(
     "merger, all_at_once",
     [
-        (merging.Soup(), lambda b, s: merging.soup(s)),
+        (merging.streaming.soup(), lambda b, s: merging.soup(s)),
         (
-            merging.TaskArithmetic(scale=0.7),
+            merging.streaming.task_arithmetic(scale=0.7),
             lambda b, s: merging.task_arithmetic(b, s, scale=0.7),
         ),
-        (merging.Ties(keep=0.3), lambda b, s: merging.ties(b, s, keep=0.3)),
+        (merging.streaming.ties(keep=0.3), lambda b, s: merging.ties(b, s, keep=0.3)),
         (
-            merging.Dare(key=jax.random.key(5), rate=0.3),
+            merging.streaming.dare(key=jax.random.key(5), rate=0.3),
             lambda b, s: merging.dare(b, s, key=jax.random.key(5), rate=0.3),
         ),
-        (merging.MagMax(), lambda b, s: merging.magmax(b, s)),
+        (merging.streaming.magmax(), lambda b, s: merging.magmax(b, s)),
     ],
     ids=["soup", "task_arithmetic", "ties", "dare", "magmax"],
 )
@@ -230,7 +230,9 @@ def test_streaming_fisher_equals_all_at_once(trees):
     _, sources = trees
     fishers = [jax.tree.map(lambda x: jnp.abs(x) + 0.1, s) for s in sources]
     streamed = merging.merge_streaming(
-        merging.Fisher(), sources[0], loaders_of(list(zip(sources, fishers, strict=True)))
+        merging.streaming.fisher(),
+        sources[0],
+        loaders_of(list(zip(sources, fishers, strict=True))),
     )
     expected = merging.fisher(sources, fishers)
     for got, want in zip(jax.tree.leaves(streamed), jax.tree.leaves(expected), strict=True):
@@ -250,10 +252,12 @@ def test_streaming_restores_each_source_once_per_pass(trees):
 
         return load
 
-    merging.merge_streaming(merging.Ties(), base, [loader(k) for k in range(K)])
+    merging.merge_streaming(merging.streaming.ties(), base, [loader(k) for k in range(K)])
     assert calls == [0, 1, 2, 0, 1, 2]
     calls.clear()
-    merging.merge_streaming(merging.TaskArithmetic(), base, [loader(k) for k in range(K)])
+    merging.merge_streaming(
+        merging.streaming.task_arithmetic(), base, [loader(k) for k in range(K)]
+    )
     assert calls == [0, 1, 2]
 
 
@@ -263,8 +267,38 @@ def test_mismatched_trees_name_the_leaf(trees):
     with pytest.raises(ValueError, match=r"dense/kernel.*sources\[1\]"):
         merging.task_arithmetic(base, [sources[0], bad])
     with pytest.raises(ValueError, match="dense/kernel"):
-        merging.merge_streaming(merging.Soup(), base, loaders_of([sources[0], bad]))
+        merging.merge_streaming(
+            merging.streaming.soup(), base, loaders_of([sources[0], bad])
+        )
     with pytest.raises(ValueError, match="at least one"):
         merging.soup([])
     with pytest.raises(ValueError, match="dtype int32"):
         merging.soup([{"w": jnp.zeros(3, jnp.int32)}])
+
+
+def _numpy(tree) -> list:
+    def plain(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return np.array(jax.random.key_data(x))
+        return np.array(x)
+
+    return [plain(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("name", ["soup", "task_arithmetic", "ties", "dare", "magmax"])
+def test_streaming_updates_are_pure_and_trace(trees, name):
+    """optax's contract: `update` traces under jit and leaves its input state as it was
+    (the old mergers mutated a dict state in place)."""
+    base, sources = trees
+    factory = getattr(merging.streaming, name)
+    merger = factory(jax.random.key(0)) if name == "dare" else factory()
+    state = merger.init(base)
+    before = _numpy(state)
+    update = jax.jit(merger.update, static_argnums=4)
+    first = update(state, sources[0], base, 0, 0)
+    again = update(state, sources[0], base, 0, 0)
+    for a, b in zip(_numpy(first), _numpy(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_numpy(state), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert isinstance(state, tuple) and hasattr(state, "_fields")  # a NamedTuple

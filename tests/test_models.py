@@ -15,9 +15,8 @@ import optax
 import pytest
 import torch
 
-from grasp_jax import interop, models
+from grasp_jax import interop, models, torch_models
 from grasp_jax.models.efficientnet import round_filters
-from tests import torch_models
 
 ZOO = ["resnet50", "efficientnet_b1", "mobilevit_xxs", "mobilevit_xs"]
 # The PyTorch models' parameter counts with 1000 classes (the paper: 25.6M, 7.8M, 1.3M,

@@ -23,7 +23,7 @@ FAST = recipe.TrainConfig(epochs=2, learning_rate=3e-3, augment=False)
 
 
 def reference_factor(step: int, total: int, warmup: int) -> float:
-    """The reference's LambdaLR factor, written out (REFERENCE.md 3.2), pi as it has it."""
+    """The reference's LambdaLR factor, written out (docs/reference.md §3), its pi."""
     if step < warmup:
         return step / warmup
     progress = (step - warmup) / (total - warmup)
@@ -43,7 +43,7 @@ def test_warmup_cosine_schedule_matches_the_reference(step):
 def test_cosine_per_epoch_is_the_stage_recipe():
     config = recipe.TrainConfig(epochs=3, learning_rate=5e-5, schedule="cosine_per_epoch")
     schedule = recipe.make_schedule(config, steps_per_epoch=4)
-    # CosineAnnealingLR(T_max=3) per epoch: 5e-5, 3.75e-5, 1.25e-5 (REFERENCE.md 4.2).
+    # CosineAnnealingLR(T_max=3) per epoch: 5e-5, 3.75e-5, 1.25e-5 (docs/reference.md §4).
     got = [float(schedule(s)) for s in (0, 3, 4, 7, 8, 11)]
     np.testing.assert_allclose(
         got, [5e-5, 5e-5, 3.75e-5, 3.75e-5, 1.25e-5, 1.25e-5], rtol=1e-6

@@ -4,10 +4,12 @@ reference's settings); a data set's config overrides only what differs."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import ml_collections
 
-from experiments.baseline_settings import FusionConfig, PearlConfig
+from experiments.methods.fusion import FusionConfig
+from experiments.methods.pearl import PearlConfig
 from grasp_jax import merging
 from grasp_jax.grasp import GraspConfig
 from grasp_jax.input_pipeline import PipelineConfig
@@ -18,6 +20,13 @@ def _section(dataclass_instance, **changes) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dataclasses.asdict(dataclasses.replace(dataclass_instance, **changes))
     )
+
+
+def _defaults(function) -> dict:
+    """The keyword defaults of `function` (a merger's hyperparameters; DARE's key has
+    none: the runner draws it)."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not p.empty}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,18 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.pearl = _section(PearlConfig())
     config.merging = ml_collections.ConfigDict()
     config.merging.finetune_epochs = -1  # -1: GRASP's budget, initial + finetune x (K-1)
-    for name, merger in (
-        ("task_arithmetic", merging.TaskArithmetic()),
-        ("ties", merging.Ties()),
-        ("dare", merging.Dare()),
-        ("magmax", merging.MagMax()),
-        ("fisher", merging.Fisher()),
-    ):
-        config.merging[name] = {
-            f.name: getattr(merger, f.name)
-            for f in dataclasses.fields(merger)
-            if f.name != "key"
-        }
+    for name in ("task_arithmetic", "ties", "dare", "magmax", "fisher"):
+        config.merging[name] = _defaults(getattr(merging.streaming, name))
     config.merging.fisher.examples = 256  # target examples the Fisher is estimated on
     # Save GRASP's final model as the reference does (a PyTorch state dict, run folder's
     # checkpoints/); needs the torch extra and a model with a PyTorch layout.

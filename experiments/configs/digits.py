@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from data import digits_drift
 from experiments.configs import override, parse_arg
 from experiments.configs.base import base_config
 
@@ -19,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "digits"
     config.dataset = "digits_drift"
     config.data_dir = ""  # empty: <workdir>/tfds, built on first use
-    config.bins = ("d0", "d1", "d2", "d3", "d4")
+    config.bins = digits_drift.DOMAINS
     config.num_classes = 10
     config.model = "small_cnn"
     config.pipeline.update(resize_size=32, crop_size=32)

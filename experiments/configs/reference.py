@@ -1,7 +1,7 @@
 """The reference's recipe on its data sets (CLEAR-10, CLEAR-100 (30 classes), Yearbook),
 shared by `clear10.py`, `clear100.py` and `yearbook.py`.
 
-`base.base_config()` already holds the reference's settings (REFERENCE.md 1.2-1.5, 2.4, 3):
+`base.base_config()` already holds the reference's settings (docs/reference.md §1-§3):
 resize 256 / crop 224, batch 32, sources trained 15 epochs with AdamW 3e-4 (head 10x,
 warmup 2 of 15 epochs, clip 1.0, augmentation on), GRASP 3 initial + 3 per-source epochs
 at 5e-5, threshold 0.3, one alignment batch, 3 trials. Sources start from ImageNet

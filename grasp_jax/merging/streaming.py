@@ -1,21 +1,26 @@
 """The weight-space merges with the sources taken one at a time: memory flat in K.
 
-A merger is a small frozen object with `init(like)`, `update(state, tree, index,
-pass_index)` and `finish(state)`; `merge_streaming` drives it over loaders that restore
-one source each, so at most one source is in memory beside the base and the merger's
-running sums. Soup, task arithmetic, DARE, MagMax and Fisher need one pass. TIES needs
-two: its sign election needs every source's trimmed task vector, so pass 1 accumulates
-the sign mass (and each source's trim threshold), pass 2 restores the sources again and
-takes the agreeing entries; it holds base, one source, the elected signs (int8) and a
-sum and count. The results equal `kernels`' all-at-once functions.
+A merger is shaped like an optax `GradientTransformation`: a `StreamingMerger` of pure
+functions over an immutable NamedTuple state (each traces under jit),
+
+    state = merger.init(start)
+    state = merger.update(state, source, base, index, pass_index)  # every source, pass
+    merged = merger.finish(state, start)
+
+`start` is the base for the task-vector mergers (`from_base`) and otherwise any tree of
+the model's shapes and dtypes (arrays or `jax.ShapeDtypeStruct`); `base` is the base or
+None. `index` (which source, may be traced) seeds DARE; `pass_index` is a Python int.
+`merge_streaming` drives a merger over loaders that restore one source each, so memory
+holds the base, one source and the merger's running sums. TIES needs two passes: the
+sign election needs every source's trimmed task vector, so pass 1 sums the sign mass and
+pass 2 restores the sources again and averages the entries that agree with the elected
+sign. The results equal `kernels`' all-at-once functions.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,220 +28,197 @@ import jax.numpy as jnp
 from grasp_jax.merging import kernels
 from grasp_jax.tree_checks import PyTree, check_floating, check_same_structure
 
-_f32 = kernels._f32
+
+class StreamingMerger(NamedTuple):
+    """A merge as pure functions; see the module docstring."""
+
+    init: Callable[[PyTree], Any]
+    update: Callable[[Any, PyTree, PyTree | None, Any, int], Any]
+    finish: Callable[[Any, PyTree], PyTree]
+    passes: int = 1  # how often every source is fed to `update`
+    from_base: bool = False  # works on task vectors: `init`/`update` need the base
 
 
-def _zeros(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), tree)
+class SumState(NamedTuple):
+    total: PyTree  # float32 running sum (of weights, task vectors or maxima)
+    count: jax.Array
+
+
+class DareState(NamedTuple):
+    total: PyTree
+    key: jax.Array
+
+
+class FisherState(NamedTuple):
+    numerator: PyTree
+    denominator: PyTree
+
+
+class TiesState(NamedTuple):
+    mass: PyTree | None  # pass 1: the trimmed task vectors' sum
+    sign: PyTree | None  # pass 2: the elected signs (int8)
+    total: PyTree | None  # pass 2: sum and count of the agreeing entries
+    count: PyTree | None
+
+
+def _zeros(like: PyTree, dtype=jnp.float32) -> PyTree:
+    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype), like)
 
 
 def _cast_like(like: PyTree, tree: PyTree) -> PyTree:
     return jax.tree.map(lambda r, x: x.astype(r.dtype), like, tree)
 
 
-def _dtypes(tree: PyTree) -> PyTree:
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+def _checked(total: PyTree, source: PyTree, index) -> PyTree:
+    """`source`, after checking it has the merge's structure and floating leaves."""
+    name = f"sources[{index}]" if isinstance(index, int) else "a source"
+    check_same_structure(("the tree the merge started from", name), total, source)
+    check_floating((name,), source)
+    return source
+
+
+def _tau(base: PyTree, source: PyTree, total: PyTree, index) -> PyTree:
+    return kernels.task_vector(base, _checked(total, source, index))
+
+
+def _start_sum(like: PyTree) -> SumState:
+    check_floating(("start",), like)
+    return SumState(_zeros(like), jnp.zeros((), jnp.int32))
+
+
+def soup() -> StreamingMerger:
+    """The uniform mean of the sources' weights."""
+
+    def update(state, source, base, index, pass_index):
+        source = _checked(state.total, source, index)
+        total = jax.tree.map(lambda t, x: t + kernels._f32(x), state.total, source)
+        return SumState(total, state.count + 1)
+
+    def finish(state, start):
+        return _cast_like(start, jax.tree.map(lambda t: t / state.count, state.total))
+
+    return StreamingMerger(_start_sum, update, finish)
+
+
+def _task_vector_merger(combine: Callable, scale) -> StreamingMerger:
+    """Task-vector merges that fold each tau into one running tree: base + scale * it."""
+
+    def update(state, source, base, index, pass_index):
+        tau = _tau(base, source, state.total, index)
+        return SumState(jax.tree.map(combine, state.total, tau), state.count + 1)
+
+    def finish(state, base):
+        return kernels.base_plus(base, state.total, scale)
+
+    return StreamingMerger(_start_sum, update, finish, from_base=True)
+
+
+def task_arithmetic(scale=0.3) -> StreamingMerger:
+    """base + scale * sum_k tau_k."""
+    return _task_vector_merger(jnp.add, scale)
+
+
+def magmax(scale=0.5) -> StreamingMerger:
+    """Per element the task-vector entry of largest magnitude; on equal magnitudes the
+    earlier source's (as `kernels.magmax`)."""
+    return _task_vector_merger(
+        lambda best, tau: jnp.where(jnp.abs(tau) > jnp.abs(best), tau, best), scale
     )
 
 
-def _checked(state: dict, tree: PyTree, index: int) -> PyTree:
-    check_same_structure(
-        ("the tree merge_streaming started from", f"sources[{index}]"), state["like"], tree
-    )
-    check_floating((f"sources[{index}]",), tree)
-    return tree
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _add(total, tree):
-    return jax.tree.map(lambda t, x: t + _f32(x), total, tree)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _add_delta(total, tree, base):
-    return jax.tree.map(jnp.add, total, kernels.task_vector(base, tree))
-
-
-_base_plus = jax.jit(kernels.base_plus)
-
-
-@dataclasses.dataclass(frozen=True)
-class Soup:
-    """Running sum of the sources; `init` takes any tree of the model's shapes."""
-
-    passes: ClassVar[int] = 1
-
-    def init(self, like: PyTree) -> dict:
-        return {"like": _dtypes(like), "sum": _zeros(like), "count": 0}
-
-    def update(self, state, tree, index, pass_index):
-        state["sum"] = _add(state["sum"], _checked(state, tree, index))
-        state["count"] += 1
-        return state
-
-    def finish(self, state) -> PyTree:
-        mean = jax.tree.map(lambda s: s / state["count"], state["sum"])
-        return _cast_like(state["like"], mean)
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskArithmetic:
-    """Running sum of the task vectors; `init` takes the base."""
-
-    scale: float = 0.3
-    passes: ClassVar[int] = 1
-
-    def init(self, base: PyTree) -> dict:
-        check_floating(("base",), base)
-        return {"like": _dtypes(base), "base": base, "sum": _zeros(base)}
-
-    def update(self, state, tree, index, pass_index):
-        state["sum"] = _add_delta(state["sum"], _checked(state, tree, index), state["base"])
-        return state
-
-    def finish(self, state) -> PyTree:
-        return _base_plus(state["base"], state["sum"], self.scale)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _add_dropped(total, tree, base, key, rate):
-    tau = kernels.task_vector(base, tree)
-    return jax.tree.map(jnp.add, total, kernels.dare_drop(tau, key, rate))
-
-
-@dataclasses.dataclass(frozen=True)
-class Dare(TaskArithmetic):
+def dare(key: jax.Array, rate=0.5, scale=0.3) -> StreamingMerger:
     """Task arithmetic over DARE-dropped task vectors (source k: fold_in(key, k))."""
 
-    key: Any = None  # a jax.random key; required
-    rate: float = 0.5
-
-    def update(self, state, tree, index, pass_index):
-        key = jax.random.fold_in(self.key, index)
-        tree = _checked(state, tree, index)
-        state["sum"] = _add_dropped(state["sum"], tree, state["base"], key, self.rate)
-        return state
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _keep_larger(best, tree, base):
-    tau = kernels.task_vector(base, tree)
-    return jax.tree.map(lambda m, t: jnp.where(jnp.abs(t) > jnp.abs(m), t, m), best, tau)
-
-
-@dataclasses.dataclass(frozen=True)
-class MagMax(TaskArithmetic):
-    """Per element the task vector entry of largest magnitude so far (earlier on ties)."""
-
-    scale: float = 0.5
-
-    def update(self, state, tree, index, pass_index):
-        state["sum"] = _keep_larger(
-            state["sum"], _checked(state, tree, index), state["base"]
-        )
-        return state
-
-
-@functools.partial(jax.jit, donate_argnums=(0, 1))
-def _add_weighted(numerator, denominator, params, fisher, floor):
-    weights = jax.tree.map(lambda f: jnp.maximum(_f32(f), floor), fisher)
-    numerator = jax.tree.map(lambda n, w, x: n + w * _f32(x), numerator, weights, params)
-    return numerator, jax.tree.map(jnp.add, denominator, weights)
-
-
-@dataclasses.dataclass(frozen=True)
-class Fisher:
-    """Running Fisher-weighted sums; each `tree` is a pair (params, diagonal Fisher)."""
-
-    floor: float = 1e-6
-    passes: ClassVar[int] = 1
-
-    def init(self, like: PyTree) -> dict:
-        return {"like": _dtypes(like), "num": _zeros(like), "den": _zeros(like)}
-
-    def update(self, state, tree, index, pass_index):
-        params, fisher = tree
-        _checked(state, params, index)
-        check_same_structure((f"sources[{index}]", f"fishers[{index}]"), params, fisher)
-        state["num"], state["den"] = _add_weighted(
-            state["num"], state["den"], params, fisher, self.floor
-        )
-        return state
-
-    def finish(self, state) -> PyTree:
-        mean = jax.tree.map(jnp.divide, state["num"], state["den"])
-        return _cast_like(state["like"], mean)
-
-
-@functools.partial(jax.jit, static_argnames="keep")
-def _trimmed(tree, base, *, keep):
-    tau = kernels.task_vector(base, tree)
-    threshold = kernels.trim_threshold(tau, keep)
-    return kernels.trim(tau, threshold)
-
-
-@functools.partial(jax.jit, static_argnames="keep", donate_argnums=0)
-def _add_mass(mass, tree, base, *, keep):
-    return jax.tree.map(jnp.add, mass, _trimmed(tree, base, keep=keep))
-
-
-@functools.partial(jax.jit, static_argnames="keep", donate_argnums=(0, 1))
-def _add_agreeing(total, count, tree, base, sign, *, keep):
-    trimmed = _trimmed(tree, base, keep=keep)
-    agree = jax.tree.map(lambda t, s: (jnp.sign(t) == s) & (t != 0), trimmed, sign)
-    total = jax.tree.map(lambda a, t, m: a + jnp.where(m, t, 0.0), total, trimmed, agree)
-    count = jax.tree.map(lambda c, m: c + m.astype(jnp.int32), count, agree)
-    return total, count
-
-
-@dataclasses.dataclass(frozen=True)
-class Ties:
-    """Two passes: sign mass, then the disjoint mean of the agreeing entries."""
-
-    keep: float = 0.2
-    scale: float = 0.3
-    passes: ClassVar[int] = 2
-
-    def init(self, base: PyTree) -> dict:
+    def init(base):
         check_floating(("base",), base)
-        return {"like": _dtypes(base), "base": base, "mass": _zeros(base)}
+        return DareState(_zeros(base), key)
 
-    def update(self, state, tree, index, pass_index):
-        tree = _checked(state, tree, index)
+    def update(state, source, base, index, pass_index):
+        tau = _tau(base, source, state.total, index)
+        dropped = kernels.dare_drop(tau, jax.random.fold_in(state.key, index), rate)
+        return DareState(jax.tree.map(jnp.add, state.total, dropped), state.key)
+
+    def finish(state, base):
+        return kernels.base_plus(base, state.total, scale)
+
+    return StreamingMerger(init, update, finish, from_base=True)
+
+
+def fisher(floor=1e-6) -> StreamingMerger:
+    """Fisher-weighted mean; each source is a pair (params, diagonal Fisher)."""
+
+    def init(like):
+        check_floating(("start",), like)
+        return FisherState(_zeros(like), _zeros(like))
+
+    def update(state, source, base, index, pass_index):
+        params, fisher_tree = source
+        _checked(state.numerator, params, index)
+        check_same_structure(("the source's params", "its Fisher"), params, fisher_tree)
+        weights = jax.tree.map(lambda f: jnp.maximum(kernels._f32(f), floor), fisher_tree)
+        numerator = jax.tree.map(
+            lambda n, w, x: n + w * kernels._f32(x), state.numerator, weights, params
+        )
+        return FisherState(numerator, jax.tree.map(jnp.add, state.denominator, weights))
+
+    def finish(state, start):
+        return _cast_like(
+            start, jax.tree.map(jnp.divide, state.numerator, state.denominator)
+        )
+
+    return StreamingMerger(init, update, finish)
+
+
+def ties(keep=0.2, scale=0.3) -> StreamingMerger:
+    """TIES in two passes: sign mass, then the disjoint mean of the agreeing entries
+    (`kernels.ties`). `keep` fixes an index, so it is a Python float."""
+    keep = float(keep)
+
+    def init(base):
+        check_floating(("base",), base)
+        return TiesState(_zeros(base), None, None, None)
+
+    def trimmed(base, source, like, index):
+        tau = _tau(base, source, like, index)
+        return kernels.trim(tau, kernels.trim_threshold(tau, keep))
+
+    def update(state, source, base, index, pass_index):
         if pass_index == 0:
-            state["mass"] = _add_mass(state["mass"], tree, state["base"], keep=self.keep)
-            return state
-        if "sign" not in state:  # the election, once every source has voted
-            state["sign"] = jax.tree.map(
-                lambda m: jnp.sign(m).astype(jnp.int8), state.pop("mass")
-            )
-            state["sum"] = _zeros(state["base"])
-            state["count"] = jax.tree.map(
-                lambda x: jnp.zeros(jnp.shape(x), jnp.int32), state["base"]
-            )
-        state["sum"], state["count"] = _add_agreeing(
-            state["sum"], state["count"], tree, state["base"], state["sign"], keep=self.keep
+            tau = trimmed(base, source, state.mass, index)
+            return state._replace(mass=jax.tree.map(jnp.add, state.mass, tau))
+        if state.sign is None:  # the election, once every source has voted
+            sign = jax.tree.map(lambda m: jnp.sign(m).astype(jnp.int8), state.mass)
+            state = TiesState(None, sign, _zeros(base), _zeros(base, jnp.int32))
+        tau = trimmed(base, source, state.total, index)
+        agree = jax.tree.map(lambda t, s: (jnp.sign(t) == s) & (t != 0), tau, state.sign)
+        total = jax.tree.map(
+            lambda a, t, m: a + jnp.where(m, t, 0.0), state.total, tau, agree
         )
-        return state
+        count = jax.tree.map(lambda c, m: c + m.astype(jnp.int32), state.count, agree)
+        return state._replace(total=total, count=count)
 
-    def finish(self, state) -> PyTree:
-        mean = jax.tree.map(
-            lambda s, c: s / jnp.maximum(c, 1), state["sum"], state["count"]
-        )
-        return _base_plus(state["base"], mean, self.scale)
+    def finish(state, base):
+        mean = jax.tree.map(lambda s, c: s / jnp.maximum(c, 1), state.total, state.count)
+        return kernels.base_plus(base, mean, scale)
+
+    return StreamingMerger(init, update, finish, passes=2, from_base=True)
 
 
 def merge_streaming(
-    merger, start: PyTree, loaders: Sequence[Callable[[], PyTree]]
+    merger: StreamingMerger, start: PyTree, loaders: Sequence[Callable[[], PyTree]]
 ) -> PyTree:
     """Runs `merger` over the sources: `loaders[k]()` returns source k (for Fisher, the
     pair (params, Fisher)); called once per pass, so one source is alive at a time.
-    `start` is the base (or, for Soup and Fisher, any tree of the model's shapes)."""
+    `start`: the base for a `from_base` merger, else any tree of the model's shapes.
+    Each update is one jitted program that donates the previous state."""
     if not loaders:
         raise ValueError("merge_streaming needs at least one source loader; got none")
+    update = jax.jit(merger.update, static_argnums=4, donate_argnums=0)
+    base = start if merger.from_base else None
     state = merger.init(start)
     for pass_index in range(merger.passes):
         for index, load in enumerate(loaders):
-            state = merger.update(state, load(), index, pass_index)
-    return merger.finish(state)
+            state = update(state, load(), base, index, pass_index)
+    if merger.from_base:
+        return jax.jit(merger.finish)(state, start)
+    return merger.finish(state, start)  # `start` may be abstract: shapes and dtypes

@@ -24,11 +24,34 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet50": ResNet50,
     "small_cnn": SmallCNN,
 }
+# The same models under the official code's names: its `--model` string (in folder and
+# file names) and the Hugging Face id its drivers pass.
+OTHER_NAMES = {
+    "efficientnet_b1": ("efficientnet-b1", "google/efficientnet-b1"),
+    "mobilevit_xs": ("mobilevit-xs", "apple/mobilevit-x-small"),
+    "mobilevit_xxs": ("mobilevit-xxs", "apple/mobilevit-xx-small"),
+    "resnet50": ("resnet-50", "microsoft/resnet-50"),
+    "small_cnn": ("small-cnn", None),
+}
 
 
 def names() -> list[str]:
     """The registered model names."""
     return sorted(_REGISTRY)
+
+
+def zoo_name(name: str) -> str:
+    """Our name of a model written any way (`resnet-50`, `microsoft/resnet-50`,
+    `resnet50`); a name we do not know is returned as given."""
+    for ours, others in OTHER_NAMES.items():
+        if name in others:
+            return ours
+    return name
+
+
+def reference_name(name: str) -> str:
+    """The official code's `--model` string of a zoo model (`resnet50` -> `resnet-50`)."""
+    return OTHER_NAMES[name][0] if name in OTHER_NAMES else name.replace("_", "-")
 
 
 def create(name: str, num_classes: int, **overrides) -> nn.Module:

@@ -3,17 +3,15 @@
 All keep `nn.Conv`'s parameters (`kernel` kh x kw x in/groups x out, lecun-normal; `bias`
 zeros), so weights map one to one to PyTorch's, and all pad explicitly (PyTorch's
 `padding=k // 2`, or asymmetric pads) rather than with XLA's "SAME", whose split of an
-odd total pad differs for strided convolutions. Measured on a 2-core x86 CPU, forward and
-backward, against XLA's own convolution:
+odd total pad differs for strided convolutions. Each form is pure JAX (it traces,
+shards and differentiates like `nn.Conv`):
 
-- depthwise (groups = channels): shifted-slice sums with a hand-written gradient,
-  ~40x faster forward, ~3x faster backward than XLA's grouped convolution;
-- 1x1: one 2-D matrix product, ~10x faster forward+backward;
-- k x k (groups = 1): XLA's own convolution. A matrix product over gathered patches
-  (im2col, CPU only) was measured 1.3-3x faster when written; with jax 0.10.2 it took
-  0.85-1.7x XLA's time in isolation (`benchmarks/conv_backends.py`, slower on most of
-  ResNet-50's 3x3 shapes), was within noise in whole ResNet-50 steps, and raised their
-  peak memory by 0.6-0.8 GiB (batch 16, 224 px), so it was removed.
+- depthwise (groups = channels): shifted-slice sums with a hand-written gradient, since
+  XLA:CPU's grouped convolution is far slower than elementwise multiply-adds;
+- 1x1: one 2-D matrix product, which every backend runs at its matmul speed;
+- k x k (groups = 1): XLA's own convolution.
+
+`benchmarks/conv_backends.py` times each against XLA's convolution.
 """
 
 from __future__ import annotations

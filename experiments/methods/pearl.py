@@ -1,4 +1,4 @@
-"""PEARL as the reference intends it (REFERENCE.md 5.3): low-rank adapters on a shared
+"""PEARL as the reference intends it (docs/reference.md §5): low-rank adapters on a shared
 base, one set per source, then simplex composition weights learned on the target.
 
 The base is the first source's model, frozen in eval mode. For each source a fresh
@@ -16,15 +16,58 @@ does and reproduces that (uniform weights, the base's predictions).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from experiments.baseline_settings import PearlConfig
-from experiments.context import Context, MethodResult, StepCosts, training_flops
-from grasp_jax import adapters, seeding
+from experiments.context import Context, MethodResult, section_method
+from experiments.flops_report import StepCosts, percent_breakdown, training_flops
+from grasp_jax import adapters, recipe, seeding
+
+
+@dataclasses.dataclass(frozen=True)
+class PearlConfig:
+    rank: int = 16
+    adapter_epochs: int = 3
+    composition_epochs: int = 3
+    learning_rate: float = 5e-5  # the reference's driver (its single run uses 1e-3)
+    weight_decay: float = 0.01
+    composition_learning_rate: float = 0.01
+    augment: bool = True
+    faithful: bool = False
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"pearl.rank={self.rank}; use a rank of at least 1")
+        for name in ("adapter_epochs", "composition_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pearl.{name}={getattr(self, name)}; use at least 1")
+        for name in ("learning_rate", "composition_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"pearl.{name}={getattr(self, name)}; must be > 0")
+
+    def adapter_recipe(self) -> recipe.TrainConfig:
+        return recipe.fine_tuning(
+            self.adapter_epochs, self.learning_rate, self.weight_decay, self.augment
+        )
+
+    def composition_recipe(self) -> recipe.TrainConfig:
+        """Epochs, augmentation and the logged rate; the optimiser itself is
+        `pearl.composition_optimizer` (Adam, constant rate, simplex projection)."""
+        return recipe.fine_tuning(
+            self.composition_epochs,
+            self.composition_learning_rate,
+            0.0,
+            self.augment,
+            schedule="constant",
+        )
+
+
+def recipe_of(config) -> PearlConfig:
+    return PearlConfig(**config.pearl.to_dict())
 
 
 def onto_simplex(weights: jax.Array) -> jax.Array:
@@ -54,7 +97,7 @@ def composition_optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 
 def run_pearl(ctx: Context) -> MethodResult:
-    cfg = PearlConfig(**ctx.config.pearl.to_dict())
+    cfg = recipe_of(ctx.config)
     base = ctx.restore(ctx.source_bins[0])
     size = ctx.pipeline.crop_size
     sites = adapters.find_sites(ctx.model, base, (1, size, size, 3))
@@ -108,7 +151,7 @@ def pearl_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
     """Training estimated as the base model's training step per step (the rank-16
     adapters add little next to the base's forward and backward), with the reference's
     PEARL keys."""
-    cfg = PearlConfig(**ctx.config.pearl.to_dict())
+    cfg = recipe_of(ctx.config)
     out = training_flops(ctx, result, costs, label="PEARL")
     per_source = out["training_gflops"] * cfg.adapter_epochs / result.train_epochs
     adapter_params = result.extra["adapter_params_per_source"]
@@ -122,12 +165,28 @@ def pearl_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
         "lora_rank": cfg.rank,
         "n_adapted_layers": result.extra["n_adapted_layers"],
     }
-    out["breakdown"] = {
-        "adapter_training_percent": 100
-        * out["adapter_training_gflops_total"]
-        / out["total_gflops"],
-        "composition_learning_percent": 100
-        * out["composition_learning_gflops"]
-        / out["total_gflops"],
-    }
+    out["breakdown"] = percent_breakdown(
+        out,
+        {
+            "adapter_training": "adapter_training_gflops_total",
+            "composition_learning": "composition_learning_gflops",
+        },
+    )
     return out
+
+
+METHODS = (
+    section_method(
+        "pearl",
+        run_pearl,
+        flops=pearl_flops,
+        recipe=recipe_of,
+        reference_names={
+            "finetune_epochs": "adapter_epochs",
+            "composition_epochs": "composition_epochs",
+            "adapter_dim": "rank",
+            "learning_rate": "learning_rate",
+        },
+        description="low-rank adapters per source, composition weights learned",
+    ),
+)

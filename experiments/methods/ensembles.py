@@ -1,17 +1,21 @@
 """Output-space ensembles of the sources: no training, sources streamed one at a time.
 
 `soft` averages the logits (the reference's default, and our `ensemble`). `prob` averages
-the softmax probabilities: what the reference calls "hard" (REFERENCE.md 5.1). `vote` is a
-real majority vote of the sources' predicted classes, ties broken by the mean
+the softmax probabilities: what the reference calls "hard" (docs/reference.md §5).
+`vote` is a real majority vote of the sources' predicted classes, ties broken by the mean
 probability. Each source adds its logits, probabilities and one vote per example to
 running sums, so memory holds one model and O(examples x classes) numbers.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from experiments.context import Context, MethodResult, StepCosts, training_flops
+from experiments import reference_format
+from experiments.context import Context, Method, MethodResult
+from experiments.flops_report import StepCosts, percent_breakdown, training_flops
 from grasp_jax import metrics
 
 VOTING = {
@@ -96,8 +100,27 @@ def ensemble_flops(
         "n_val_samples": n_val,
         "n_test_samples": n_test,
     }
-    out["breakdown"] = {
-        f"{key}_percent": 100 * out[f"{key}_gflops"] / out["total_gflops"]
-        for key in ("val_inference", "test_inference", "combination")
-    }
+    parts = ("val_inference", "test_inference", "combination")
+    out["breakdown"] = percent_breakdown(out, {p: f"{p}_gflops" for p in parts})
     return out
+
+
+def _entry(name: str, voting: str) -> Method:
+    return Method(
+        name,
+        functools.partial(run_ensemble, voting=voting),
+        lambda config: {"voting": voting},
+        flops=functools.partial(ensemble_flops, voting=voting),
+        memory_marks=reference_format.MEMORY_CHECKPOINTS["ensemble"],
+        description=f"output-space ensemble of the sources: {VOTING[voting]}",
+    )
+
+
+METHODS = (
+    _entry("ensemble", "soft"),  # the alias of ensemble_soft (`ALIASES`)
+    _entry("ensemble_soft", "soft"),
+    _entry("ensemble_prob", "prob"),
+    _entry("ensemble_vote", "vote"),
+)
+# Names that run another entry's method under the name earlier results used.
+ALIASES = {"ensemble": "ensemble_soft"}

@@ -1,4 +1,5 @@
-"""The PyTorch side of the parity tests: the reference architectures built offline.
+"""PyTorch twins of the zoo models, built offline, for parity checks and the
+benchmarks against PyTorch (needs the torch extra: `pip install -e '.[torch]'`).
 
 HF transformers models are built from their configs (the hub configs' architecture
 fields, written out here: no network); the torchvision-layout ResNet-50 is written by

@@ -1,5 +1,5 @@
 """FUSION (the paper's "Multi-Source"): all K sources fine-tuned jointly on the target
-through the mean of their logits, as the reference codes it (REFERENCE.md 5.2; it is not
+through the mean of their logits, as the reference codes it (docs/reference.md §5; not
 parameter averaging: that is `soup`). The K models and their optimiser state are held
 together: memory grows with K, and inference needs all K models.
 """
@@ -9,13 +9,39 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from experiments.baseline_settings import FusionConfig
-from experiments.context import Context, MethodResult, StepCosts, training_flops
-from grasp_jax import logit_average
+from experiments.context import Context, MethodResult, section_method
+from experiments.flops_report import StepCosts, percent_breakdown, training_flops
+from grasp_jax import logit_average, recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+    """The reference's recipe: AdamW 5e-5, weight decay 0.01, cosine per epoch, no
+    clipping, 3 epochs, best-validation epoch kept."""
+
+    epochs: int = 3
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    augment: bool = True
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"fusion.epochs={self.epochs}; train at least one epoch")
+        if not self.learning_rate > 0:
+            raise ValueError(f"fusion.learning_rate={self.learning_rate}; must be > 0")
+
+    def recipe(self) -> recipe.TrainConfig:
+        return recipe.fine_tuning(
+            self.epochs, self.learning_rate, self.weight_decay, self.augment
+        )
+
+
+def recipe_of(config) -> FusionConfig:
+    return FusionConfig(**config.fusion.to_dict())
 
 
 def run_fusion(ctx: Context) -> MethodResult:
-    cfg = FusionConfig(**ctx.config.fusion.to_dict())
+    cfg = recipe_of(ctx.config)
     stacked = logit_average.stack(
         [functools.partial(ctx.restore, name) for name in ctx.source_bins]
     )
@@ -57,9 +83,28 @@ def fusion_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
         "n_test_samples": n_test,
     }
     inference = out["total_gflops"] - out["fusion_gflops"] - out["finetune_gflops"]
-    out["breakdown"] = {
-        "fusion_percent": 100 * out["fusion_gflops"] / out["total_gflops"],
-        "finetune_percent": 100 * out["finetune_gflops"] / out["total_gflops"],
-        "inference_percent": 100 * inference / out["total_gflops"],
-    }
+    out["breakdown"] = percent_breakdown(
+        out | {"inference_gflops_total": inference},
+        {
+            "fusion": "fusion_gflops",
+            "finetune": "finetune_gflops",
+            "inference": "inference_gflops_total",
+        },
+    )
     return out
+
+
+METHODS = (
+    section_method(
+        "fusion",
+        run_fusion,
+        flops=fusion_flops,
+        recipe=recipe_of,
+        reference_names={
+            "finetune_epochs": "epochs",
+            "learning_rate": "learning_rate",
+            "weight_decay": "weight_decay",
+        },
+        description="the K sources fine-tuned jointly through their mean logits",
+    ),
+)

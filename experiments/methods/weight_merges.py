@@ -1,0 +1,187 @@
+"""The weight-space merges as methods: merge all sources, then fine-tune.
+
+Each method streams the sources through its `grasp_jax.merging.streaming` merger
+(`merge_streaming`: one source in memory; TIES restores them twice), merges the
+BatchNorm statistics by their plain mean (they are not parameters, and a task-vector rule
+could make a variance negative), then fine-tunes the merged model on the target with
+GRASP's stage recipe for GRASP's total budget (`GraspConfig.total_epochs`) unless
+`merging.finetune_epochs` (-1: that budget) says otherwise. Task vectors are taken from
+the shared start every source was trained from (`Context.base`). Hyperparameters:
+`config.merging.<method>`, the literature's defaults (README, "Methods").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from experiments import reference_format, settings
+from experiments.context import Context, Method, MethodResult
+from grasp_jax import evaluation, merging, objective, seeding
+from grasp_jax import input_pipeline as ip
+
+NAMES = ("soup", "task_arithmetic", "ties", "dare", "magmax", "fisher")
+# Ranges the merge hyperparameters must lie in (DARE's rate < 1: it divides by 1 - rate).
+BOUNDS = {
+    "task_arithmetic": {"scale": (0.0, 10.0)},
+    "ties": {"keep": (0.0, 1.0), "scale": (0.0, 10.0)},
+    "dare": {"rate": (0.0, 0.999), "scale": (0.0, 10.0)},
+    "magmax": {"scale": (0.0, 10.0)},
+    "fisher": {"floor": (0.0, 1.0)},
+}
+
+
+def merger_hyperparameters(config, name: str) -> dict:
+    """`config.merging.<name>` (soup has none)."""
+    section = config.merging.get(name)
+    return section.to_dict() if section is not None else {}
+
+
+def merger_of(config, name: str, key: jax.Array) -> merging.StreamingMerger:
+    """The merger `name` with the config's hyperparameters (DARE: drawing from `key`)."""
+    hyperparameters = merger_hyperparameters(config, name)
+    hyperparameters.pop("examples", None)  # Fisher's data, not the merger's
+    if name == "dare":
+        hyperparameters["key"] = key
+    return getattr(merging.streaming, name)(**hyperparameters)
+
+
+@functools.cache
+def _example_loss(model):
+    """Cross-entropy of one preprocessed example in eval mode (the Fisher's loss)."""
+
+    def loss(params, example, batch_stats):
+        logits, _ = objective.forward(
+            model, params, batch_stats, example["image"][None], train=False
+        )
+        return objective.cross_entropy(logits, example["label"][None])
+
+    return loss
+
+
+def source_fisher(ctx: Context, variables: dict, examples: int):
+    """The source's diagonal Fisher on the first `examples` target training examples
+    (in order, centre crops)."""
+    pipeline = ctx.pipeline
+    batches = ip.dataset(
+        ctx.splits["train"], pipeline, train=False, shard_index=0, shard_count=1
+    )
+    chosen, seen = [], 0
+    for batch in batches:
+        if seen >= examples:
+            break
+        take = min(len(batch["label"]), examples - seen)
+        seen += take
+        chosen.append(
+            {
+                "image": ip.normalize(batch["image"][:take], pipeline),
+                "label": jnp.asarray(batch["label"][:take]),
+            }
+        )
+    return merging.fisher_diagonal(
+        _example_loss(ctx.model), variables["params"], chosen, variables["batch_stats"]
+    )
+
+
+def finetune_epochs(config, sources: int) -> int:
+    """`merging.finetune_epochs`, or GRASP's total budget where it is -1."""
+    if config.merging.finetune_epochs >= 0:
+        return config.merging.finetune_epochs
+    return settings.grasp(config).total_epochs(sources)
+
+
+def merge_sources(ctx: Context, name: str) -> dict:
+    """The merged variables of all sources: params by the method, statistics by mean
+    (summed while the params' first pass restores each source)."""
+    key = seeding.stream(seeding.root_key(ctx.seed), f"merge_{name}")
+    merger = merger_of(ctx.config, name, key)
+    abstract = ctx.model_and_abstract[1]
+    stats = merging.streaming.soup()
+    stats_update = jax.jit(stats.update, static_argnums=4, donate_argnums=0)
+    stats_state = stats.init(abstract.get("batch_stats", {}))
+    seen: set[int] = set()
+
+    def load(index: int, bin_name: str):
+        nonlocal stats_state
+        variables = ctx.restore(bin_name)
+        if index not in seen:
+            seen.add(index)
+            stats = variables.get("batch_stats", {})
+            stats_state = stats_update(stats_state, stats, None, index, 0)
+        if name == "fisher":
+            examples = ctx.config.merging.fisher.examples
+            return variables["params"], source_fisher(ctx, variables, examples)
+        return variables["params"]
+
+    start = ctx.base()["params"] if merger.from_base else abstract["params"]
+    loaders = [functools.partial(load, i, b) for i, b in enumerate(ctx.source_bins)]
+    params = merging.merge_streaming(merger, start, loaders)
+    merged_stats = stats.finish(stats_state, abstract.get("batch_stats", {}))
+    return {"params": params, "batch_stats": merged_stats}
+
+
+def run_weight_merge(ctx: Context, name: str) -> MethodResult:
+    merged = merge_sources(ctx, name)
+    ctx.mark("models_merged")
+    after_merge = evaluation.predict(
+        ctx.model, merged, ctx.splits["validation"], ctx.pipeline
+    )["accuracy"]
+    epochs = finetune_epochs(ctx.config, len(ctx.source_bins))
+    history: list[dict] = []
+    if epochs > 0:
+        recipe = settings.grasp(ctx.config).stage_config(epochs)
+        fit = ctx.fit(merged, recipe, f"{name} fine-tune")
+        merged, history = fit.variables, fit.history
+    ctx.mark("finetuning_complete")
+    val, test = ctx.predict(merged)
+    extra = {
+        "num_source_models": len(ctx.source_bins),
+        "val_accuracy_after_merge": after_merge,
+        "finetune_epochs": epochs,
+    }
+    return MethodResult(val, test, history, epochs, extra)
+
+
+def hyperparameters(config, name: str) -> dict:
+    """What a merge run's numbers depend on: its merger's settings, the fine-tuning
+    epochs and the fields of GRASP's stage recipe that fine-tune it."""
+    stage = ("initial_epochs", "finetune_epochs", "learning_rate", "weight_decay")
+    return {
+        name: merger_hyperparameters(config, name),
+        "finetune_epochs_setting": config.merging.finetune_epochs,
+        "stage_recipe": {key: config.grasp[key] for key in (*stage, "augment")},
+    }
+
+
+def check(config) -> None:
+    """`config.merging`: the fine-tuning epochs and each merger's ranges."""
+    section = config.merging
+    if section.finetune_epochs < -1:
+        raise ValueError(
+            f"merging.finetune_epochs={section.finetune_epochs}; use -1 (GRASP's "
+            "budget), 0 (no fine-tuning) or a number of epochs"
+        )
+    for name, bounds in BOUNDS.items():
+        for key, (low, high) in bounds.items():
+            value = section[name][key]
+            if not low <= value <= high:
+                raise ValueError(
+                    f"merging.{name}.{key}={value}; use a value in [{low}, {high}]"
+                )
+    if section.fisher.examples < 1:
+        raise ValueError(f"merging.fisher.examples={section.fisher.examples}; use >= 1")
+
+
+METHODS = tuple(
+    Method(
+        name,
+        functools.partial(run_weight_merge, name=name),
+        functools.partial(hyperparameters, name=name),
+        memory_marks=reference_format.MEMORY_CHECKPOINTS["weight_merge"],
+        check=check,
+        description=f"weight-space merge ({name}) of the sources, then fine-tuned",
+    )
+    for name in NAMES
+)

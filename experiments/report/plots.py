@@ -1,0 +1,165 @@
+"""The pictures of an experiment: confusion matrices, training curves, the summary chart,
+the source matrix and the study (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from grasp_jax import files
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Saves `fig` atomically (a half-written PNG never replaces a good one)."""
+    files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight"))
+    pyplot().close(fig)
+
+
+def confusion_matrix_png(
+    matrix: list[list[int]], class_names: list[str], path: Path, title: str
+) -> None:
+    """Row-normalised confusion matrix with two-decimal cells, as the reference draws it."""
+    plt = pyplot()
+    counts = np.asarray(matrix, np.float64)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(
+        figsize=(1 + 0.5 * len(class_names), 1 + 0.45 * len(class_names))
+    )
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(class_names)):
+        for j in range(len(class_names)):
+            ax.text(
+                j,
+                i,
+                f"{rows[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rows[i, j] > 0.5 else "black",
+            )
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
+def training_curves_png(history: list[dict], path: Path, title: str) -> None:
+    """Losses and validation accuracy over the concatenated epochs of all stages."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    x = np.arange(len(history))
+    left.plot(x, [h["train_loss"] for h in history], label="train")
+    left.plot(x, [h["val_loss"] for h in history], label="val")
+    left.set_xlabel("epoch (all stages)")
+    left.set_ylabel("loss")
+    left.legend()
+    right.plot(x, [h["val_accuracy"] for h in history], color="tab:green")
+    right.set_xlabel("epoch (all stages)")
+    right.set_ylabel("val accuracy")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def summary_bar_chart(summary: dict, path: Path, title: str) -> None:
+    """Accuracy per method, and each method's paired difference to the summary's
+    baseline (GRASP by default) with its CI."""
+    plt = pyplot()
+    names = list(summary["methods"])
+    means = [summary["methods"][n]["test_accuracy_mean"] for n in names]
+    stds = [summary["methods"][n]["test_accuracy_std"] for n in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.1 * len(names), 4.2))
+    left.bar(names, means, yerr=stds, capsize=4, color="tab:blue")
+    left.tick_params(axis="x", labelrotation=45)
+    left.set_ylim(0, 1)
+    left.set_ylabel("test accuracy (± std)")
+    baseline = summary.get("baseline", "grasp")
+    key = f"paired_difference_to_{baseline}"
+    diffs = {n: m[key] for n, m in summary["methods"].items() if m.get(key)}
+    for i, entry in enumerate(diffs.values()):
+        low, high = entry["ci95"] or (entry["mean"], entry["mean"])
+        right.errorbar(
+            i,
+            entry["mean"],
+            yerr=[[entry["mean"] - low], [high - entry["mean"]]],
+            fmt="o",
+            capsize=4,
+            color="tab:red",
+        )
+    right.axhline(0, color="grey", lw=0.8)
+    right.set_xticks(range(len(diffs)), list(diffs), rotation=45)
+    right.set_xlim(-0.6, max(len(diffs), 1) - 0.4)
+    right.set_ylabel(f"minus {baseline}, points (95 % CI)")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def source_matrix_png(matrix: dict, path: Path, title: str) -> None:
+    """Heat map of every model's test accuracy on every bin."""
+    plt = pyplot()
+    values = np.asarray(matrix["accuracy"])
+    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * values.shape[1], 1.2 + 0.5 * len(values)))
+    ax.imshow(values, cmap="Blues", vmin=0, vmax=1)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            color = "white" if value > 0.5 else "black"
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(values.shape[1]), matrix["columns"])
+    ax.set_yticks(range(len(values)), matrix["rows"])
+    ax.set_xlabel("test split of bin")
+    ax.set_ylabel("model")
+    pool = matrix.get("pretrained_pool_test_accuracy")
+    subtitle = f" (start: {pool:.2f} on the pool's test split)" if pool is not None else ""
+    ax.set_title(f"{title}: test accuracy{subtitle}", fontsize=9)
+    save_figure(fig, path)
+
+
+def study_png(study: dict, path: Path, title: str) -> None:
+    """Accuracy against the share of parameters moved, one panel per granularity."""
+    plt = pyplot()
+    granularities = sorted({r["granularity"] for r in study["rows"]})
+    fig, axes = plt.subplots(
+        1, len(granularities), figsize=(4.2 * len(granularities), 3.6), sharey=True
+    )
+    styles = {
+        ("grasp", "hard"): ("tab:blue", "o", "GRASP hard"),
+        ("grasp", "soft"): ("tab:green", "s", "GRASP soft"),
+        ("grasp_random", "hard"): ("tab:red", "x", "random units (control)"),
+    }
+    for ax, granularity in zip(np.atleast_1d(axes), granularities, strict=True):
+        for (method, mode), (color, marker, label) in styles.items():
+            rows = [
+                r
+                for r in study["rows"]
+                if (r["granularity"], r["method"], r["mode"]) == (granularity, method, mode)
+            ]
+            rows.sort(key=lambda r: r["fraction_moved_mean"])
+            x = [100 * r["fraction_moved_mean"] for r in rows]
+            y = [r["test_accuracy"]["mean"] for r in rows]
+            bounds = [
+                r["test_accuracy"]["ci95"] or (m, m) for m, r in zip(y, rows, strict=True)
+            ]
+            err = [
+                [m - low for m, (low, _) in zip(y, bounds, strict=True)],
+                [high - m for m, (_, high) in zip(y, bounds, strict=True)],
+            ]
+            ax.errorbar(
+                x, y, yerr=err, fmt=marker + "-", color=color, capsize=3, label=label
+            )
+        ax.set_title(f"granularity: {granularity}", fontsize=9)
+        ax.set_xlabel("parameters moved per merge (%)")
+    np.atleast_1d(axes)[0].set_ylabel("test accuracy (%, 95 % CI)")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
