@@ -11,7 +11,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from data.folder_layout import LayoutError
-from experiments import distributed
+from experiments import distributed, methods, settings
 from experiments.configs import CONFIG_DIR
 from experiments.settings import ConfigError
 from grasp_jax.checkpoints import CheckpointError
@@ -41,6 +41,7 @@ def run_experiment_command(command: str, work):
     distributed.initialize()
     config, workdir = config_and_workdir()
     with one_line_errors(command):
+        settings.check(config, methods.REGISTRY)  # before the folder is made
         check_workdir(workdir)
         return config, workdir, work(config, workdir)
 
@@ -48,7 +49,7 @@ def run_experiment_command(command: str, work):
 def config_and_workdir():
     """The parsed `--config` and `--workdir` (default `runs/<config name>`)."""
     config = flags.FLAGS.config
-    return config, Path(flags.FLAGS.workdir or f"runs/{config.name}")
+    return config, Path(flags.FLAGS.workdir or f"runs/{config.name}").expanduser()
 
 
 @contextlib.contextmanager

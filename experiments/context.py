@@ -153,6 +153,7 @@ class Method:
     memory_marks: tuple[str, ...] = RUNNER_MARKS
     check: Callable[[Any], None] = _no_check
     description: str = ""
+    alias_of: str | None = None  # runs that method under the name earlier results used
 
     def report_flops(self, ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
         if self.flops is not None:

@@ -27,11 +27,26 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_classes", None, "Classes of the new head.")
     flags.DEFINE_string("out", None, "Checkpoint folder to write.")
     flags.DEFINE_integer("seed", 0, "Seed of a new head's initialisation.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint at --out.")
     flags.mark_flags_as_required(["model", "weights", "num_classes", "out"])
 
 
-def import_weights(model: str, weights: str, num_classes: int, out: str, seed: int = 0):
-    """Imports `weights` for `model` with a `num_classes` head and saves them at `out`."""
+def import_weights(
+    model: str,
+    weights: str,
+    num_classes: int,
+    out: str,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+):
+    """Imports `weights` for `model` with a `num_classes` head and saves them at `out`,
+    which must not exist yet unless `overwrite` (a trained source is a folder too)."""
+    if Path(out).exists() and not overwrite:
+        raise checkpoints.CheckpointError(
+            f"--out={out} already exists; choose a new folder, or pass --overwrite to "
+            "replace it"
+        )
     drop_head = interop.checkpoint_num_classes(model, weights) != num_classes
     variables = interop.import_torch(
         model,
@@ -54,7 +69,12 @@ def main(argv):
     given = flags.FLAGS
     with cli.one_line_errors("experiments.import_weights"):
         path, new_head = import_weights(
-            given.model, given.weights, given.num_classes, given.out, given.seed
+            given.model,
+            given.weights,
+            given.num_classes,
+            given.out,
+            given.seed,
+            overwrite=given.overwrite,
         )
     head = "a new head" if new_head else "the checkpoint's head"
     print(f"wrote {path} ({given.model}, {given.num_classes} classes, {head})")

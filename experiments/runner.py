@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import logging
 
-from experiments import methods, reference_format, report, settings, source_matrix
+from experiments import machine, methods, reference_format, report, settings, source_matrix
 from experiments import sources as src
 from experiments.context import Context, Method
 from experiments.flops_report import StepCosts
@@ -52,14 +52,18 @@ def step_costs(config) -> StepCosts:
 def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
     """The whole experiment; returns the summary dict."""
     start = time.perf_counter()
-    results = run_methods(config, workdir, progress=progress)
+    run_methods(config, workdir, progress=progress)
+    # The summary of every finished run on disk this config would reuse, not only of
+    # the runs this command asked for: a command that ran little never shrinks it.
+    results = finished_runs(config, workdir)
     summary = report.summarize(results)
     summary["config"] = config.to_dict()
     summary["seconds"] = time.perf_counter() - start
+    summary["machine"] = machine.describe()
     title = f"{config.dataset} / {config.model}"
     results_dir = workdir / "results" / config.dataset
     report.write_summary(results_dir, summary, title)
-    for name in methods.selected(config):  # the reference's multi-trial text files
+    for name in sorted({r["method_label"] for r in results}):  # the reference's texts
         method = methods.REGISTRY[name]
         file_name = reference_format.summary_file_name(
             name, method.folder_suffix(config), config.model, config.dataset
@@ -80,12 +84,12 @@ def run_methods(config, workdir: Path, *, progress: bool = True) -> list[dict]:
     src.train_sources(config, workdir)
     results_dir = workdir / "results" / config.dataset
     title = f"{config.dataset} / {config.model}"
-    if not (results_dir / "source_matrix.json").exists():
+    if not source_matrix.is_current(config, workdir, results_dir):
         matrix = source_matrix.compute(config, workdir, progress=progress)
         report.write_source_matrix(results_dir, matrix, title)
     costs = step_costs(config)
     results = []
-    for t_index, target in enumerate(targets):
+    for target in targets:
         bins = settings.source_bins(config, target)
         if not bins:
             logging.warning("target %s has no sources (sources=past); skipped", target)
@@ -94,34 +98,54 @@ def run_methods(config, workdir: Path, *, progress: bool = True) -> list[dict]:
         class_names = splits["train"].dataset_info.features["label"].names
         for trial in range(1, config.trials + 1):
             # One seed per (target, trial), shared by every method: paired runs.
-            seed = settings.config_seed(config, "run", t_index, trial)
+            seed = settings.run_seed(config, target, trial)
             ctx = Context(config, workdir, target, bins, splits, seed, progress)
             for name in methods.selected(config):
                 method = methods.REGISTRY[name]
                 out_dir = results_dir / run_name(config, target, name, trial)
                 if (out_dir / "metrics.json").exists():
-                    results.append(
-                        reuse_finished(out_dir, method, run_dependencies(ctx, method))
-                    )
+                    expected = run_dependencies(config, method, target, trial)
+                    results.append(reuse_finished(out_dir, method, expected))
                     continue
                 results.append(run_one(ctx, method, trial, costs, out_dir, class_names))
     return results
 
 
-def run_dependencies(ctx: Context, method: Method) -> dict:
+def run_dependencies(config, method: Method, target: str, trial: int) -> dict:
     """Everything a run's numbers depend on, recorded with it and compared on reuse."""
-    config = ctx.config
     return (
         settings.model_dependencies(config)
         | settings.start_dependencies(config)
         | {
-            "data_version": str(ctx.splits["train"].dataset_info.version),
             "hyperparameters": method.hyperparameters(config),
-            "seed": ctx.seed,
-            "sources": ctx.source_bins,
+            "seed": settings.run_seed(config, target, trial),
+            "sources": settings.source_bins(config, target),
             "source_training": config.source_training.to_dict(),
         }
     )
+
+
+def finished_runs(config, workdir: Path) -> list[dict]:
+    """The records of every finished run on disk that `config` would reuse: any method
+    of the registry, any bin as the target, any trial, under the same settings."""
+    results_dir = workdir / "results" / config.dataset
+    records = []
+    for name, method in methods.REGISTRY.items():
+        if method.alias_of is not None:
+            continue
+        for target in config.bins:
+            if not settings.source_bins(config, target):
+                continue
+            prefix = run_name(config, target, name, 0).removesuffix("0")
+            for path in sorted(results_dir.glob(f"{prefix}*/metrics.json")):
+                trial = path.parent.name.removeprefix(prefix)
+                if not trial.isdigit():
+                    continue
+                record = json.loads(path.read_text())
+                expected = run_dependencies(config, method, target, int(trial))
+                if record.get("settings") == expected:
+                    records.append(record | {"method_label": name})
+    return records
 
 
 def reuse_finished(out_dir: Path, method: Method, expected: dict) -> dict:
@@ -177,7 +201,7 @@ def run_one(
         ctx, method, trial, result, seconds, costs, memory_log
     )
     record["memory"]["host_peak_scope"] = "this run" if per_run else "this process so far"
-    record["settings"] = run_dependencies(ctx, method)
+    record["settings"] = run_dependencies(ctx.config, method, ctx.target, trial)
     title = f"{method.name} on {ctx.target}"
     report.write_run(out_dir, record, profile, class_names, title)
     record["method_label"] = method.name

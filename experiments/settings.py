@@ -4,6 +4,7 @@ before any work starts: an unknown name is one ConfigError that lists the valid 
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import jax
@@ -75,21 +76,75 @@ def check(config: ml_collections.ConfigDict, registry=None) -> list[str]:
     if config.save_final:
         _check_save_final(config)
     _check_mesh(config)
+    _check_training(config)
     if registry is not None:
-        unknown = sorted(set(requested_methods(config)) - {"all", *registry})
-        if unknown:
-            raise ConfigError(
-                f"unknown method(s) {unknown}; choose from {list(registry)} or all"
-            )
+        _check_methods(config, registry)
     if config.sources not in SOURCE_CHOICES:
         raise ConfigError(
             f"config.sources={config.sources!r}; use one of {list(SOURCE_CHOICES)}"
         )
-    targets = list(config.bins) if "all" in config.targets else list(config.targets)
-    bad = sorted(set(targets) - set(config.bins))
+    return _checked_targets(config)
+
+
+def _duplicates(names) -> list[str]:
+    seen: set[str] = set()
+    return sorted({n for n in names if n in seen or seen.add(n)})
+
+
+def _check_methods(config, registry) -> None:
+    """Known names, each once (an alias and its method count as one)."""
+    requested = requested_methods(config)
+    if not requested:
+        raise ConfigError("config.methods is empty; name at least one method, or all")
+    unknown = sorted(set(requested) - {"all", *registry})
+    if unknown:
+        raise ConfigError(
+            f"unknown method(s) {unknown}; choose from {list(registry)} or all"
+        )
+    if "all" in requested and len(requested) > 1:
+        raise ConfigError(
+            f"config.methods={'+'.join(requested)}: all already runs every method; pass "
+            "all alone or a list of methods"
+        )
+    if twice := _duplicates([registry[n].alias_of or n for n in requested]):
+        raise ConfigError(
+            f"config.methods={'+'.join(requested)} names {twice} more than once "
+            "(ensemble is ensemble_soft); list each method once"
+        )
+
+
+def _checked_targets(config) -> list[str]:
+    """The bins (each once, all of the data set's) and the targets among them."""
+    bins = list(config.bins)
+    known = [c.name for c in BUILDERS[config.dataset].BUILDER_CONFIGS]
+    if missing := [b for b in bins if b not in known]:
+        raise ConfigError(
+            f"config.bins: {config.dataset} has no bin(s) {missing}; its bins are "
+            f"{list(known)}"
+        )
+    targets = bins if "all" in config.targets else list(config.targets)
+    for what, names in (("bins", bins), ("targets", targets)):
+        if twice := _duplicates(names):
+            raise ConfigError(f"config.{what} names {twice} more than once; list each once")
+    bad = sorted(set(targets) - set(bins))
     if bad:
-        raise ConfigError(f"unknown target(s) {bad}; the bins are {list(config.bins)}")
+        raise ConfigError(f"unknown target(s) {bad}; the bins are {bins}")
     return targets
+
+
+def _check_training(config) -> None:
+    """Training that must produce a model trains; every rate is a finite number."""
+    sections = ["source_training"] + (["pretrain"] if config.init == "pretrain" else [])
+    for section in sections:
+        if config[section].epochs < 1:
+            raise ConfigError(
+                f"{section}.epochs={config[section].epochs}: it must produce a trained "
+                "model; use at least 1"
+            )
+    for name in ("source_training", "pretrain", "grasp", "fusion", "pearl"):
+        for key, value in config[name].items():
+            if "learning_rate" in key and not math.isfinite(value):
+                raise ConfigError(f"{name}.{key}={value}; use a finite positive number")
 
 
 def _check_mesh(config) -> None:
@@ -143,6 +198,17 @@ def start_dependencies(config: ml_collections.ConfigDict) -> dict:
 def config_seed(config: ml_collections.ConfigDict, name: str, *indices: int) -> int:
     """The integer seed of stream `name` (then `indices`) under `config.seed`."""
     return seeding.int_seed(seeding.stream(seeding.root_key(config.seed), name, *indices))
+
+
+def run_seed(config: ml_collections.ConfigDict, target: str, trial: int) -> int:
+    """The seed of every method's run on (`target`, `trial`): by the target's name, so a
+    run of `targets=d1` reproduces the d1 cells of the full run."""
+    return config_seed(config, f"run/{target}", trial)
+
+
+def source_seed(config: ml_collections.ConfigDict, bin_name: str) -> int:
+    """The seed of the source trained on `bin_name`, by name (any `bins=` list)."""
+    return config_seed(config, f"source/{bin_name}")
 
 
 def source_bins(config: ml_collections.ConfigDict, target: str) -> list[str]:

@@ -1,17 +1,23 @@
 """The source matrix: how far each source transfers, written before any method runs.
 
-Rows are the shared start and every source, columns every bin's test split; the cells are
-test accuracies (with `init="pretrain"` also the start's accuracy on its pool).
+Rows are the shared start and every source, columns every bin's test split. Per cell:
+the test accuracy, the largest share of the predictions one class takes (1.0: the model
+predicts one class for everything), and the same two after the model's BatchNorm
+statistics were re-estimated on the column's train split (`grasp_jax.recalibration`):
+a cell that recovers there failed through its input statistics, not its features. With
+`init="pretrain"` also the start's accuracy on its pool.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import settings, sources
-from grasp_jax import evaluation
+from grasp_jax import checkpoints, evaluation, recalibration
 
 
 def compute(config, workdir: Path, *, progress: bool = True) -> dict:
@@ -22,24 +28,38 @@ def compute(config, workdir: Path, *, progress: bool = True) -> dict:
     """
     model, abstract = sources.model_and_abstract(config)
     pipeline = settings.pipeline(config)
-    tests = [sources.load_splits(config, workdir, b)["test"] for b in config.bins]
+    splits = [sources.load_splits(config, workdir, b) for b in config.bins]
 
-    def accuracies(variables) -> list[float]:
+    def cell(variables, split) -> tuple[float, float]:
+        out = evaluation.predict(model, variables, split["test"], pipeline)
+        return out["accuracy"], largest_class_share(out["logits"])
+
+    def row(variables) -> list[tuple[float, float]]:
+        return [cell(variables, split) for split in splits]
+
+    def recalibrated_row(variables) -> list[tuple[float, float]]:
         return [
-            evaluation.predict(model, variables, test, pipeline)["accuracy"]
-            for test in tests
+            cell(recalibration.recalibrate(model, variables, s["train"], pipeline), s)
+            for s in splits
         ]
 
     start = sources.initial_variables(config, workdir, writer=None)
-    accuracy = [accuracies(start)]
+    plain, recalibrated = [row(start)], [recalibrated_row(start)]
     for bin_name in tqdm(config.bins, desc="source matrix", disable=not progress):
-        accuracy.append(
-            accuracies(sources.restore_source(config, workdir, bin_name, abstract))
-        )
+        variables = sources.restore_source(config, workdir, bin_name, abstract)
+        plain.append(row(variables))
+        recalibrated.append(recalibrated_row(variables))
     matrix = {
         "rows": ["pretrained", *config.bins],
         "columns": list(config.bins),
-        "accuracy": accuracy,
+        "accuracy": [[a for a, _ in r] for r in plain],
+        "largest_class_share": [[s for _, s in r] for r in plain],
+        "batchnorm_recalibrated": {
+            "accuracy": [[a for a, _ in r] for r in recalibrated],
+            "largest_class_share": [[s for _, s in r] for r in recalibrated],
+            "how": "BatchNorm statistics re-estimated on the column's train split",
+        },
+        "inputs": inputs(config, workdir),
     }
     if config.init == "pretrain":
         pool = sources.load_splits(config, workdir, config.pretrain.data_config)["test"]
@@ -47,3 +67,28 @@ def compute(config, workdir: Path, *, progress: bool = True) -> dict:
             model, start, pool, pipeline
         )["accuracy"]
     return matrix
+
+
+def inputs(config, workdir: Path) -> dict:
+    """What the matrix was computed from: the bins and every model's checksums (the
+    start's where it is a cached pretraining). A matrix whose inputs differ is stale."""
+    names = (["_pretrained"] if config.init == "pretrain" else []) + list(config.bins)
+    checksums = {}
+    for name in names:
+        path = sources.source_dir(config, workdir, name) / checkpoints.CHECKSUMS
+        checksums[name] = json.loads(path.read_text()) if path.exists() else None
+    return {"bins": list(config.bins), "init": config.init, "checksums": checksums}
+
+
+def is_current(config, workdir: Path, results_dir: Path) -> bool:
+    """True if `source_matrix.json` exists and was computed from today's sources."""
+    path = results_dir / "source_matrix.json"
+    if not path.exists():
+        return False
+    return json.loads(path.read_text()).get("inputs") == inputs(config, workdir)
+
+
+def largest_class_share(logits) -> float:
+    """The share of the predictions that go to the most predicted class."""
+    predictions = np.asarray(logits).argmax(axis=1)
+    return float(np.bincount(predictions).max() / len(predictions))

@@ -202,7 +202,7 @@ def initial_variables(config, workdir: Path, writer) -> dict:
 def train_sources(config, workdir: Path) -> dict[str, dict]:
     """Trains the missing sources of `config`; returns each bin's metadata."""
     workdir.mkdir(parents=True, exist_ok=True)
-    seeds = [settings.config_seed(config, "source", i) for i in range(len(config.bins))]
+    seeds = [settings.source_seed(config, b) for b in config.bins]
     missing = [
         (index, b)
         for index, b in enumerate(config.bins)

@@ -25,6 +25,14 @@ def check_granularity(granularity: str) -> None:
         raise ValueError(f"granularity={granularity!r}; use one of {GRANULARITIES}")
 
 
+def _unit_axes(ndim: int, granularity: str) -> tuple[int, ...] | None:
+    if granularity == "tensor":
+        return tuple(range(ndim))
+    if granularity == "channel" and ndim >= 2:
+        return tuple(range(ndim - 1))
+    return None
+
+
 def _cosine(a: jax.Array, b: jax.Array, axes: tuple[int, ...] | None, eps) -> jax.Array:
     """dot(a, b) / (|a| |b| + eps) in float32, reduced over `axes` (None: per element)."""
     a = a.astype(jnp.float32)
@@ -39,11 +47,30 @@ def _cosine(a: jax.Array, b: jax.Array, axes: tuple[int, ...] | None, eps) -> ja
 
 def leaf_score(a: jax.Array, b: jax.Array, granularity: str, eps) -> jax.Array:
     """The alignment score(s) of one leaf; see `alignment_scores` for the shapes."""
-    if granularity == "tensor":
-        return _cosine(a, b, tuple(range(a.ndim)), eps)
-    if granularity == "channel" and a.ndim >= 2:
-        return _cosine(a, b, tuple(range(a.ndim - 1)), eps)
-    return _cosine(a, b, None, eps)
+    return _cosine(a, b, _unit_axes(jnp.ndim(a), granularity), eps)
+
+
+def has_gradient(a: jax.Array, b: jax.Array, granularity: str) -> jax.Array:
+    """Per unit (the scores' shape): both gradients have a non-zero entry. The reference
+    scores only parameters that have a gradient in both models; in JAX an unused
+    parameter's gradient is exactly zero instead of missing, so this stands for it."""
+    axes = _unit_axes(jnp.ndim(a), granularity)
+    if axes is None:
+        return (a != 0) & (b != 0)
+    return jnp.any(a != 0, axis=axes) & jnp.any(b != 0, axis=axes)
+
+
+def movable_scores(
+    scores: PyTree, grad_current: PyTree, grad_source: PyTree, granularity: str
+) -> PyTree:
+    """`scores` with -inf where a unit has no gradient in either model: such a unit
+    never moves, whatever the threshold (the reference never scores it)."""
+    return jax.tree.map(
+        lambda s, a, b: jnp.where(has_gradient(a, b, granularity), s, -jnp.inf),
+        scores,
+        grad_current,
+        grad_source,
+    )
 
 
 def alignment_scores_impl(

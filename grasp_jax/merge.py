@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from grasp_jax.alignment import Granularity, alignment_scores_impl
+from grasp_jax.alignment import Granularity, alignment_scores_impl, movable_scores
 from grasp_jax.transfer import Mode, TransferResult, check_pair, transfer_impl
 from grasp_jax.tree_checks import PyTree, check_same_structure
 
@@ -64,7 +64,9 @@ def merge_step(
     """Scores the gradients' alignment and transfers the agreeing units of `source`.
 
     Equivalent to `transfer(current, source, alignment_scores(grad_current,
-    grad_source), ...)` in one program. `current` is donated at top level: its buffers
+    grad_source), ...)` in one program, except that a unit whose gradient is zero in
+    either model never moves (as the reference, which scores only parameters with a
+    gradient in both). `current` is donated at top level: its buffers
     become the merged tree, so do not use it afterwards (copy it first if you must);
     drop your last reference to `source` and no second model outlives the call.
     Whole-tensor hard transfers copy a leaf only where the source's is taken.
@@ -75,7 +77,8 @@ def merge_step(
     check_pair(current, source)
     check_same_structure(("current", "grad_current"), current, grad_current)
     scores = alignment_scores_impl(grad_current, grad_source, granularity, eps)
-    result = transfer_impl(current, source, scores, threshold, mode)
+    movable = movable_scores(scores, grad_current, grad_source, granularity)
+    result = transfer_impl(current, source, movable, threshold, mode)
     return result.params, _stats(scores, result)
 
 
@@ -92,8 +95,9 @@ def random_merge_step(
     eps: float | jax.Array = 1e-8,
 ) -> tuple[PyTree, MergeStats]:
     """The control for what alignment adds: moves as many units as `merge_step`'s hard
-    rule would (finite `score > threshold`), chosen uniformly at random among all units
-    (tensors, channels or elements as `granularity` makes them), copied whole.
+    rule would (finite `score > threshold`), chosen uniformly at random among the units
+    with a gradient in both models (tensors, channels or elements as `granularity` makes
+    them), copied whole.
 
     `MergeStats.scores` are the alignment scores the count came from; `weights`,
     `taken` and `fraction` say what actually moved. Traceable and donating like
@@ -102,20 +106,20 @@ def random_merge_step(
     check_pair(current, source)
     check_same_structure(("current", "grad_current"), current, grad_current)
     scores = alignment_scores_impl(grad_current, grad_source, granularity, eps)
-    leaves, treedef = jax.tree.flatten(scores)
+    movable = movable_scores(scores, grad_current, grad_source, granularity)
+    leaves, treedef = jax.tree.flatten(movable)
     sizes = [leaf.size for leaf in leaves]
     units = sum(sizes)
     count = sum(
         (jnp.sum(jnp.isfinite(s) & (s > threshold), dtype=jnp.int32) for s in leaves),
         jnp.int32(0),
     )
-    # Unit order[i] is picked when i < count: the first `count` of a random permutation.
-    order = jax.random.permutation(key, units)
-    picked = (
-        jnp.zeros(units, jnp.float32)
-        .at[order]
-        .set((jnp.arange(units) < count).astype(jnp.float32))
-    )
+    # The `count` candidates (units with a gradient in both models) of lowest random
+    # draw are picked; units without a gradient are never candidates.
+    candidate = jnp.concatenate([(s > -jnp.inf).ravel() for s in leaves])
+    draws = jnp.where(candidate, jax.random.uniform(key, (units,)), 2.0)
+    rank = jnp.argsort(jnp.argsort(draws))
+    picked = (rank < count).astype(jnp.float32)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     random_scores = treedef.unflatten(
         [

@@ -24,6 +24,23 @@ def cosine(a: np.ndarray, b: np.ndarray, granularity: str, eps: float = 1e-8):
     return dot / (np.sqrt((a2 * a2).sum(axis=0)) * np.sqrt((b2 * b2).sum(axis=0)) + eps)
 
 
+def movable_score(a: np.ndarray, b: np.ndarray, granularity: str, eps: float = 1e-8):
+    """The cosine where a unit has a non-zero gradient entry in both models, -inf where
+    not (the reference scores only parameters with a gradient in both: never moved)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    score = cosine(a, b, granularity, eps)
+    if granularity == "element" or (granularity == "channel" and a.ndim <= 1):
+        both = (a != 0) & (b != 0)
+    elif granularity == "tensor":
+        both = np.any(a != 0) & np.any(b != 0)
+    else:
+        both = np.any(a.reshape(-1, a.shape[-1]) != 0, axis=0) & np.any(
+            b.reshape(-1, b.shape[-1]) != 0, axis=0
+        )
+    return np.where(both, score, -np.inf)
+
+
 def source_weight(score, threshold: float, mode: str):
     """0/1 (hard: strictly above) or clip((s - t) / (1 - t), 0, 1) (soft); NaN/Inf -> 0."""
     score = np.asarray(score, np.float64)

@@ -11,9 +11,7 @@ machine, and say so in its message.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -21,18 +19,10 @@ from pathlib import Path
 GOLDEN = Path(__file__).parent / "golden" / "pinned_experiment.json"  # the reference
 
 
-def machine_key() -> str:
-    """CPU model and a digest of its feature flags (what XLA:CPU generates code for)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
-    name = re.sub(r"[^a-z0-9]+", "-", (model.group(1) if model else "unknown").lower())
-    digest = hashlib.sha256((flags.group(1) if flags else "").encode()).hexdigest()[:8]
-    return f"{name.strip('-')}-{digest}"
-
-
 def machine_golden() -> Path:
     """This machine kind's pinned numbers (present once someone pinned them here)."""
+    from experiments.machine import machine_key
+
     return GOLDEN.with_name(f"pinned_experiment.{machine_key()}.json")
 
 

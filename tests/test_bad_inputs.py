@@ -22,7 +22,7 @@ import grasp_jax as gj
 from data.build import build, load_splits
 from data.clear10 import Clear10
 from data.folder_layout import LayoutError
-from experiments import cli, report, settings, sources
+from experiments import cli, report, runner, settings, sources
 from experiments.configs import digits, override
 from experiments.import_weights import import_weights
 from grasp_jax import checkpoints, files, interop, models
@@ -137,9 +137,26 @@ def test_import_weights_never_empties_the_output_folder(tmp_path, monkeypatch):
     (work / "data.csv").write_text("1,2,3")
     before = snapshot(work)
     monkeypatch.chdir(work)
-    with pytest.raises(CheckpointError, match=r"not a grasp-jax checkpoint.*data\.csv"):
+    with pytest.raises(CheckpointError, match=r"--out=\. already exists; choose a new"):
         import_weights("mobilevit_xxs", str(weights), 10, ".")
     assert snapshot(work) == before
+    with pytest.raises(CheckpointError, match=r"not a grasp-jax checkpoint.*data\.csv"):
+        import_weights("mobilevit_xxs", str(weights), 10, ".", overwrite=True)
+    assert snapshot(work) == before
+
+
+def test_import_weights_never_replaces_a_checkpoint_of_ours(tmp_path):
+    """`--out=<a trained source>` once replaced the source with the imported model."""
+    weights = tmp_path / "weights.safetensors"
+    interop.save_safetensors(weights, "mobilevit_xxs", mobilevit_variables())
+    source = tmp_path / "sources" / "d0"
+    checkpoints.save_variables(source, mobilevit_variables(), {"bin": "d0"})
+    before = snapshot(source)
+    with pytest.raises(CheckpointError, match=r"sources/d0 already exists.*--overwrite"):
+        import_weights("mobilevit_xxs", str(weights), 10, str(source))
+    assert snapshot(source) == before
+    import_weights("mobilevit_xxs", str(weights), 10, str(source), overwrite=True)
+    assert checkpoints.read_metadata(source)["model"] == "mobilevit_xxs"
 
 
 def mobilevit_variables():
@@ -340,7 +357,7 @@ def test_a_missing_init_checkpoint_says_what_init_must_be(tmp_path):
 
 def test_a_source_is_not_reused_after_the_seed_changed(tmp_path):
     config = digits.get_config()
-    seed = settings.config_seed(config, "source", 0)
+    seed = settings.source_seed(config, config.bins[0])
     path = sources.source_dir(config, tmp_path, "d0")
     metadata = {"settings": sources.source_dependencies(config, "source_training", seed)}
     assert not sources.reuse_checked(config, tmp_path, "d0", metadata["settings"])
@@ -349,7 +366,7 @@ def test_a_source_is_not_reused_after_the_seed_changed(tmp_path):
     assert sources.reuse_checked(config, tmp_path, "d0", metadata["settings"])
     config.seed = 7
     changed = sources.source_dependencies(
-        config, "source_training", settings.config_seed(config, "source", 0)
+        config, "source_training", settings.source_seed(config, config.bins[0])
     )
     with pytest.raises(
         settings.ConfigError,
@@ -368,7 +385,7 @@ def test_a_source_is_not_reused_after_the_seed_changed(tmp_path):
 def test_an_interrupted_source_does_not_resume_under_another_recipe(digits_dir, tmp_path):
     config = digits.get_config()
     config.data_dir = str(digits_dir)
-    seed = settings.config_seed(config, "source", 0)
+    seed = settings.source_seed(config, config.bins[0])
     run_dir = tmp_path / "train_state" / config.dataset / config.model / "d0"
     started = sources.source_dependencies(config, "source_training", seed)
     report.write_json(run_dir / "settings.json", started)
@@ -442,6 +459,25 @@ def test_commands_end_a_user_error_in_one_line(tmp_path, args, message):
     assert not (tmp_path / "w" / "results").exists()
 
 
+def test_a_bad_config_makes_no_folder_and_tilde_means_home(tmp_path):
+    """`--workdir=~/x` with a bad config once made a literal `./~/x` before the config
+    was read; now the config is checked first and `~` is the home folder."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    command = ["-m", "experiments.main", "--config=digits:bins=d0+d9", "--workdir=~/x"]
+    result = subprocess.run(
+        [sys.executable, *command],
+        cwd=cwd,
+        env=dict(os.environ, HOME=str(home), PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no bin(s) ['d9']" in result.stderr.strip().splitlines()[-1]
+    assert not list(cwd.iterdir()) and not list(home.iterdir())
+
+
 def test_result_files_are_written_beside_their_target_then_renamed(tmp_path, monkeypatch):
     renamed = []
     real_replace = os.replace
@@ -483,3 +519,27 @@ def test_save_final_without_torch_says_how_to_install_it(monkeypatch):
         r"\(pip install -e '\.\[torch\]'\) or set save_final=False$",
     ):
         settings.check(config)
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("methods=grasp+grasp+finetune", r"names \['grasp'\] more than once"),
+        ("methods=ensemble+ensemble_soft", r"names \['ensemble_soft'\] more than once"),
+        ("methods=all+grasp", r"all already runs every method"),
+        ("bins=d0+d0+d1", r"config\.bins names \['d0'\] more than once"),
+        ("targets=d1+d1", r"config\.targets names \['d1'\] more than once"),
+        ("bins=d0+d1+d9", r"digits_drift has no bin\(s\) \['d9'\]; its bins are"),
+        ("source_training.epochs=0", r"source_training\.epochs=0: it must produce a"),
+        ("pretrain.epochs=0", r"pretrain\.epochs=0: it must produce a trained model"),
+        ("grasp.learning_rate=1e999", r"grasp\.learning_rate=inf; use a finite"),
+        ("fusion.learning_rate=1e999", r"fusion\.learning_rate=inf; use a finite"),
+    ],
+)
+def test_a_request_that_cannot_work_is_refused_before_any_work(arg, message, tmp_path):
+    """Found by a probe of new inputs: each ran (or trained twice, or saved untrained
+    sources) before; now one line, and the work folder is never made."""
+    config = digits.get_config(arg)
+    with pytest.raises(settings.ConfigError, match=message):
+        runner.run_experiment(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,7 @@ from experiments.context import Context
 from experiments.methods import ensembles, pearl, weight_merges
 from experiments.reference_format import MEMORY_CHECKPOINTS
 from grasp_jax import adapters, evaluation, logit_average, merging, models
+from grasp_jax import input_pipeline as ip
 from tests import pinned_experiment
 
 
@@ -207,7 +208,7 @@ def test_every_method_runs_and_the_summary_ranks_them(experiment):
     assert set(ranked) == set(methods.REGISTRY) - {"ensemble"}
     means = [summary["methods"][m]["test_accuracy_mean"] for m in ranked]
     assert means == sorted(means, reverse=True)
-    assert [summary["methods"][m]["rank"] for m in ranked] == list(range(1, 16))
+    assert [summary["methods"][m]["rank"] for m in ranked] == list(range(1, 17))
     table = (workdir / "results/digits_drift/summary.md").read_text()
     assert all(f"| {i + 1} | {m} |" in table for i, m in enumerate(ranked))
     for method in ranked:
@@ -267,6 +268,23 @@ def context(config, workdir, **changes):
     return Context(changed, workdir, "d2", ["d0", "d1"], splits, 7, False)
 
 
+def test_staged_finetune_is_grasp_with_nothing_moved(experiment):
+    """The exact control: GRASP at threshold 1.01 (no cosine passes), same stages, same
+    seed, so the same numbers; and its record shows nothing moved."""
+    config, workdir, _ = experiment
+    staged = load(workdir, config, "staged_finetune")
+    assert [s["fraction"] for s in staged["transfer_history"]] == [0.0]
+    assert staged["hyperparameters"]["threshold"] == 1.01
+    ctx = context(config, workdir, **{"grasp.threshold": 1.01})
+    grasp_run = methods.REGISTRY["grasp"].run(ctx)
+    control = methods.REGISTRY["staged_finetune"].run(context(config, workdir))
+    np.testing.assert_array_equal(control.test["logits"], grasp_run.test["logits"])
+    moved = methods.REGISTRY["grasp"].run(
+        context(config, workdir, **{"grasp.threshold": -1.0})
+    )
+    assert not np.array_equal(control.test["logits"], moved.test["logits"])
+
+
 def test_faithful_pearl_is_the_first_source_zero_shot(experiment):
     config, workdir, _ = experiment
     ctx = context(config, workdir, **{"pearl.faithful": True})
@@ -276,6 +294,31 @@ def test_faithful_pearl_is_the_first_source_zero_shot(experiment):
     )
     np.testing.assert_allclose(result.test["logits"], first["logits"], atol=1e-5)
     assert result.extra["composition_weights"] == [0.5, 0.5]
+
+
+def own_data_fisher(ctx, workdir, bin_name, variables, examples):
+    """FusionBench's Fisher written out here: per batch of the source's own train split,
+    (grad of sum sqrt(p) log p under its own softmax)^2, summed, over the examples."""
+    split = src.load_splits(ctx.config, workdir, bin_name)["train"]
+    total, seen = None, 0
+    for batch in ip.dataset(split, ctx.pipeline, train=False, shard_index=0, shard_count=1):
+        if seen >= examples:
+            break
+        images = ip.normalize(batch["image"][: examples - seen], ctx.pipeline)
+        seen += len(images)
+
+        def loss(params, images=images):
+            logits = ctx.model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                images,
+                train=False,
+            )
+            log_p = jax.nn.log_softmax(logits)
+            return jnp.sum(jax.lax.stop_gradient(jnp.sqrt(jnp.exp(log_p))) * log_p)
+
+        squared = jax.tree.map(jnp.square, jax.grad(loss)(variables["params"]))
+        total = squared if total is None else jax.tree.map(jnp.add, total, squared)
+    return jax.tree.map(lambda t: t / seen, total)
 
 
 @pytest.mark.parametrize("name", ["ties", "fisher"])
@@ -288,7 +331,10 @@ def test_runner_merges_equal_the_all_at_once_kernels(experiment, name):
     if name == "ties":
         expected = merging.ties(ctx.base()["params"], params, keep=0.2, scale=0.3)
     else:
-        fishers = [weight_merges.source_fisher(ctx, r, 20) for r in restored]
+        fishers = [
+            own_data_fisher(ctx, workdir, b, r, 20)
+            for b, r in zip(("d0", "d1"), restored, strict=True)
+        ]
         expected = merging.fisher(params, fishers)
     for got, want in zip(
         jax.tree.leaves(merged["params"]), jax.tree.leaves(expected), strict=True

@@ -13,7 +13,6 @@ from ml_collections import config_flags
 
 from experiments import configs, methods, runner, settings
 from experiments.configs import clear10, clear100, digits, yearbook
-from experiments.context import Context
 
 # The reference's settings, written out from docs/reference.md §3-§4 (not from code).
 REFERENCE_GRASP = {
@@ -130,12 +129,49 @@ def test_seeds_differ_by_stream_and_index():
     """Every (target, trial) run and every source gets its own seed from config.seed."""
     config = digits.get_config()
     seeds = {
-        settings.config_seed(config, name, *indices)
-        for name, indices in (("run", (0, 1)), ("run", (0, 2)), ("run", (1, 1)))
-    } | {settings.config_seed(config, "source", i) for i in range(3)}
+        settings.run_seed(config, target, trial)
+        for target, trial in (("d0", 1), ("d0", 2), ("d1", 1))
+    } | {settings.source_seed(config, b) for b in ("d0", "d1", "d2")}
     assert len(seeds) == 6
     config.seed = 1
-    assert settings.config_seed(config, "run", 0, 1) not in seeds
+    assert settings.run_seed(config, "d0", 1) not in seeds
+
+
+def test_seeds_follow_names_not_positions(tmp_path, monkeypatch):
+    """`targets=d1` gets the seed the full run gives d1, and `bins=d1,d2` trains d1 with
+    the full run's d1 seed (the runner once seeded by position in the target list)."""
+    seen = {}
+
+    def fake_run_one(ctx, method, trial, costs, out_dir, class_names):
+        seen.setdefault(ctx.target, set()).add((trial, ctx.seed))
+        return {"method_label": method.name, "target": ctx.target, "trial": trial}
+
+    fake_split = types.SimpleNamespace(
+        dataset_info=types.SimpleNamespace(
+            features={"label": types.SimpleNamespace(names=[])}
+        )
+    )
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    monkeypatch.setattr(runner.src, "train_sources", lambda config, workdir: None)
+    monkeypatch.setattr(runner.src, "load_splits", lambda *a: {"train": fake_split})
+    monkeypatch.setattr(runner, "step_costs", lambda config: None)
+    monkeypatch.setattr(
+        runner.source_matrix, "compute", lambda *a, **k: {"accuracy": [], "rows": []}
+    )
+    monkeypatch.setattr(runner.report, "write_source_matrix", lambda *a: None)
+    full = digits.get_config("methods=finetune,trials=2")
+    runner.run_methods(full, tmp_path / "full", progress=False)
+    everything = dict(seen)
+    seen.clear()
+    runner.run_methods(
+        digits.get_config("methods=finetune,trials=2,targets=d1"),
+        tmp_path / "one",
+        progress=False,
+    )
+    assert seen == {"d1": everything["d1"]}
+    assert len({seed for runs in everything.values() for _, seed in runs}) == 10
+    subset = digits.get_config("bins=d1+d2")
+    assert settings.source_seed(subset, "d1") == settings.source_seed(full, "d1")
 
 
 def test_reuse_check_names_every_differing_key_path():
@@ -153,21 +189,15 @@ def test_reuse_check_names_every_differing_key_path():
     settings.require_same(stored, dict(stored), "run", "fix it")  # equal: no error
 
 
-def _context(config, tmp_path, seed=17):
-    version = types.SimpleNamespace(version="1.2.0")
-    train_split = types.SimpleNamespace(dataset_info=version)
-    return Context(config, tmp_path, "d2", ["d0", "d1"], {"train": train_split}, seed)
-
-
 def test_a_runs_settings_are_everything_its_numbers_depend_on(tmp_path):
     config = digits.get_config()
     method = methods.REGISTRY["grasp"]
-    got = runner.run_dependencies(_context(config, tmp_path), method)
+    got = runner.run_dependencies(config, method, "d2", 1)
     assert got == {
         "hyperparameters": method.hyperparameters(config),
-        "seed": 17,
-        "sources": ["d0", "d1"],
-        "data_version": "1.2.0",
+        "seed": settings.run_seed(config, "d2", 1),
+        "sources": ["d0", "d1", "d3", "d4"],
+        "data_version": "2.0.0",
         "model": "small_cnn",
         "model_overrides": {},
         "num_classes": 10,
@@ -178,18 +208,18 @@ def test_a_runs_settings_are_everything_its_numbers_depend_on(tmp_path):
     }
     assert got["hyperparameters"]["threshold"] == config.grasp.threshold
     config.init = "scratch"  # no pretraining: its settings do not matter
-    assert runner.run_dependencies(_context(config, tmp_path), method)["pretrain"] is None
+    assert runner.run_dependencies(config, method, "d2", 1)["pretrain"] is None
 
 
 def test_a_finished_run_is_reused_only_under_the_same_settings(tmp_path):
     config = digits.get_config()
     method = methods.REGISTRY["grasp"]
-    expected = runner.run_dependencies(_context(config, tmp_path), method)
+    expected = runner.run_dependencies(config, method, "d2", 1)
     record = {"accuracy": 0.5, "method_label": "old name", "settings": expected}
     (tmp_path / "metrics.json").write_text(json.dumps(record))
     reused = runner.reuse_finished(tmp_path, method, expected)
     assert reused == {**record, "method_label": "grasp"}
-    other = runner.run_dependencies(_context(config, tmp_path, seed=18), method)
+    other = runner.run_dependencies(config, method, "d2", 2)
     with pytest.raises(
         settings.ConfigError,
         match=rf"^{re.escape(str(tmp_path))} holds a finished run with other settings "

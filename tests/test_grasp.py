@@ -623,7 +623,7 @@ def test_a_stage_follows_its_threshold_granularity_and_mode(granularity, mode):
         current, source, g_cur, g_src, threshold=0.1, granularity=granularity, mode=mode
     )
     for name in current:
-        score = ref.cosine(g_cur[name], g_src[name], granularity)
+        score = ref.movable_score(g_cur[name], g_src[name], granularity)
         want, _ = ref.transfer_leaf(current[name], source[name], score, 0.1, mode)
         np.testing.assert_allclose(merged[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
 
@@ -650,7 +650,8 @@ def _moved_units(merged, current, source, granularity) -> int:
 def test_a_random_stage_moves_as_many_units_as_grasp_would_chosen_by_the_key(granularity):
     current, source, g_cur, g_src = _leaf_trees(2)
     aligned = sum(
-        int(np.sum(ref.cosine(g_cur[n], g_src[n], granularity) > 0.0)) for n in current
+        int(np.sum(ref.movable_score(g_cur[n], g_src[n], granularity) > 0.0))
+        for n in current
     )
     units = sum(
         1 if granularity == "tensor" else (t.shape[-1] if t.ndim >= 2 else t.size)

@@ -9,10 +9,11 @@ import sys
 import types
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from experiments import methods, report, runner, settings
+from experiments import methods, report, runner, settings, source_matrix
 from experiments.configs.digits import get_config
 from tests import pinned_experiment
 
@@ -208,6 +209,12 @@ def test_source_matrix(experiment):
     np.testing.assert_allclose(values * 450, np.round(values * 450), atol=1e-6)
     assert 0 <= matrix["pretrained_pool_test_accuracy"] <= 1
     assert (results / "source_matrix.png").stat().st_size > 0
+    recalibrated = matrix["batchnorm_recalibrated"]
+    for shares in (matrix["largest_class_share"], recalibrated["largest_class_share"]):
+        shares = np.asarray(shares)  # of 450 predictions, at least a tenth in one class
+        assert shares.shape == (4, 3) and ((shares >= 0.1) & (shares <= 1)).all()
+        np.testing.assert_allclose(shares * 450, np.round(shares * 450), atol=1e-6)
+    assert np.asarray(recalibrated["accuracy"]).shape == (4, 3)
 
 
 def record(method, target, trial, accuracy):
@@ -287,6 +294,45 @@ def test_summary_has_each_method(experiment):
     assert (workdir / "results/digits_drift/summary.md").read_text().startswith("# digits")
     assert (workdir / "results/digits_drift/summary.png").exists()
     assert on_disk["methods"] == summary["methods"]
+    machine = on_disk["machine"]  # where the numbers come from
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert (
+        machine["cpu"] in cpuinfo and machine["device_kind"] == jax.devices()[0].device_kind
+    )
+    assert machine["libraries"]["jax"] == jax.__version__
+    assert set(machine["cpu_flags_xla_uses"]) <= set(cpuinfo.split())
+
+
+def test_a_stale_source_matrix_is_recomputed(experiment):
+    """Once written, the matrix was never recomputed: after retraining the sources or
+    changing the bins it kept the old numbers. It now records its inputs (the bins and
+    every model's checksums) and is recomputed when they change."""
+    config, workdir, _ = experiment
+    path = workdir / "results/digits_drift/source_matrix.json"
+    matrix = json.loads(path.read_text())
+    assert matrix["inputs"] == source_matrix.inputs(config, workdir)
+    assert set(matrix["inputs"]["checksums"]) == {"_pretrained", "d0", "d1", "d2"}
+    stale = dict(matrix, accuracy=[[0.0]], inputs=dict(matrix["inputs"], bins=["d9"]))
+    path.write_text(json.dumps(stale))
+    runner.run_methods(config, workdir, progress=False)
+    assert json.loads(path.read_text()) == matrix
+
+
+def test_a_command_that_runs_little_keeps_the_whole_summary(experiment):
+    """The summary is that of every finished run on disk under these settings: a later
+    command for one method, or for a target without sources, once replaced it with its
+    own (one method, or none)."""
+    config, workdir, _ = experiment
+    path = workdir / "results/digits_drift/summary.json"
+    before = json.loads(path.read_text())["methods"]
+    one = config.copy_and_resolve_references()
+    one.methods = ("finetune",)
+    assert runner.run_experiment(one, workdir, progress=False)["methods"] == before
+    nothing = config.copy_and_resolve_references()
+    nothing.update(targets=("d0",), sources="past")
+    runner.run_experiment(nothing, workdir, progress=False)
+    assert json.loads(path.read_text())["methods"] == before
+    assert set(before) == set(config.methods)
 
 
 def test_rerun_resumes_only_unfinished_runs(experiment):
@@ -361,6 +407,7 @@ def test_bad_experiment_keys_list_the_valid_ones(key, value, message):
         ("merging.ties.keep", 1.5, r"merging.ties.keep=1.5"),
         ("merging.finetune_epochs", -2, r"use -1 \(GRASP's budget\)"),
         ("merging.fisher.examples", 0, r"merging.fisher.examples=0"),
+        ("merging.ties.aggregate", "median", r"merging.ties.aggregate='median'; use one"),
         ("fusion.epochs", 0, r"fusion.epochs=0; train at least one epoch"),
         ("pearl.rank", 0, r"pearl.rank=0"),
         ("pearl.composition_learning_rate", 0.0, r"pearl.composition_learning_rate=0.0"),

@@ -44,7 +44,7 @@ def test_merge_step_matches_numpy(mode, granularity, spec, threshold):
         *(jax.tree.leaves(t) for t in (g_current, g_source)),
         strict=True,
     ):
-        score = ref.cosine(a, b, granularity)
+        score = ref.movable_score(a, b, granularity)
         want, weight = ref.transfer_leaf(c, s, score, threshold, mode)
         # float32 vs float64 scores may fall on either side of a threshold they touch.
         clear = np.broadcast_to(np.abs(score - threshold) > 1e-4, c.shape)
@@ -61,7 +61,7 @@ def test_merge_step_matches_numpy(mode, granularity, spec, threshold):
         taken += weight.sum()
         total += c.size
         unclear += int((~clear).sum())
-        nonfinite += int(not np.isfinite(score).all())
+        nonfinite += int(not np.isfinite(ref.cosine(a, b, granularity)).all())
     # Each unit near the threshold may count either way.
     assert abs(float(stats.fraction) - taken / total) <= (unclear + 1e-3) / total
     assert int(stats.nonfinite) == nonfinite
@@ -234,3 +234,31 @@ def test_random_merge_moves_as_many_units_as_grasp_would(granularity):
     total = sum(v.size for v in current.values())
     moved = sum(int(np.asarray(m).sum()) for m in jax.tree.leaves(stats.mask(current)))
     assert float(stats.fraction) == pytest.approx(moved / total)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "element"])
+def test_units_without_a_gradient_never_move(granularity):
+    """The reference scores only parameters with a gradient in both models; a zero
+    gradient here (an unused parameter) must not move even at threshold -1, where every
+    scored unit does. Hand-made: `used` has gradients in both models, `unused_here` has
+    none in the current model, `unused` none in either."""
+    ones = jnp.ones((2, 3))
+    current = {"used": ones, "unused_here": ones, "unused": ones}
+    source = jax.tree.map(lambda x: 5 * x, current)
+    grads = {"used": ones, "unused_here": jnp.zeros((2, 3)), "unused": jnp.zeros((2, 3))}
+    grad_source = {"used": ones, "unused_here": ones, "unused": jnp.zeros((2, 3))}
+    for step in (gj.merge_step, gj.random_merge_step):
+        extra = {"key": jax.random.key(0)} if step is gj.random_merge_step else {}
+        merged, stats = step(
+            jax.tree.map(jnp.copy, current),
+            source,
+            grads,
+            grad_source,
+            threshold=-1.0,
+            granularity=granularity,
+            **extra,
+        )
+        np.testing.assert_array_equal(merged["used"], 5 * ones)  # cosine 1: moves
+        np.testing.assert_array_equal(merged["unused_here"], ones)
+        np.testing.assert_array_equal(merged["unused"], ones)
+        assert int(stats.taken["unused"]) == int(stats.taken["unused_here"]) == 0

@@ -78,7 +78,7 @@ def test_task_arithmetic_adds_scaled_task_vectors(trees, mode):
     assert_matches(got, expected, base)
 
 
-def np_ties(base, sources, keep, scale):
+def np_ties(base, sources, keep, scale, aggregate="sum"):
     b = np_leaves(base)
     sizes = [x.size for x in b]
     flat_base = np.concatenate([x.ravel() for x in b])
@@ -94,7 +94,8 @@ def np_ties(base, sources, keep, scale):
     merged = np.zeros_like(flat_base)
     for j in range(flat_base.size):
         agreeing = [t[j] for t in trimmed if t[j] != 0 and np.sign(t[j]) == sign[j]]
-        merged[j] = np.mean(agreeing) if agreeing else 0.0
+        combine = np.sum if aggregate == "sum" else np.mean
+        merged[j] = combine(agreeing) if agreeing else 0.0
     out = flat_base + scale * merged
     return [
         c.reshape(x.shape)
@@ -103,11 +104,42 @@ def np_ties(base, sources, keep, scale):
 
 
 @pytest.mark.parametrize("keep", [0.2, 0.5, 1.0])
-def test_ties_trims_elects_and_takes_the_disjoint_mean(trees, mode, keep):
+@pytest.mark.parametrize("aggregate", ["sum", "mean"])
+def test_ties_trims_elects_and_combines_the_agreeing_entries(trees, mode, keep, aggregate):
     base, sources = trees
-    expected = np_ties(base, sources, keep, 0.3)
-    got = mode(lambda b, *s: merging.ties(b, s, keep=keep))(base, *sources)
+    expected = np_ties(base, sources, keep, 0.3, aggregate)
+    got = mode(lambda b, *s: merging.ties(b, s, keep=keep, aggregate=aggregate))(
+        base, *sources
+    )
     assert_matches(got, expected, base)
+
+
+def test_ties_defaults_to_fusionbenchs_disjoint_sum():
+    """Two sources agree (+2, +4), one disagrees (-1): the elected sign is +; the sum
+    moves 0.3 * 6, the mean 0.3 * 3 (hand-computed)."""
+    base = {"w": jnp.zeros(1)}
+    sources = [{"w": jnp.array([v])} for v in (2.0, 4.0, -1.0)]
+    np.testing.assert_allclose(merging.ties(base, sources, keep=1.0)["w"], [1.8])
+    mean = merging.ties(base, sources, keep=1.0, aggregate="mean")["w"]
+    np.testing.assert_allclose(mean, [0.9])
+    streamed = merging.merge_streaming(
+        merging.streaming.ties(keep=1.0), base, [lambda s=s: s for s in sources]
+    )
+    np.testing.assert_allclose(streamed["w"], [1.8])
+    with pytest.raises(ValueError, match=r"aggregate='median'; use one of"):
+        merging.ties(base, sources, aggregate="median")
+
+
+def test_magmax_breaks_equal_magnitudes_toward_the_later_source():
+    """FusionBench's rule: |+3| == |-3|, the later source's -3 wins (hand-computed)."""
+    base = {"w": jnp.zeros(2)}
+    sources = [{"w": jnp.array([3.0, 1.0])}, {"w": jnp.array([-3.0, 2.0])}]
+    expected = [0.5 * -3.0, 0.5 * 2.0]
+    np.testing.assert_allclose(merging.magmax(base, sources)["w"], expected)
+    streamed = merging.merge_streaming(
+        merging.streaming.magmax(), base, [lambda s=s: s for s in sources]
+    )
+    np.testing.assert_allclose(streamed["w"], expected)
 
 
 def test_ties_keeps_the_top_fraction_of_each_task_vector():
@@ -155,26 +187,39 @@ def test_magmax_takes_the_largest_magnitude_entry(trees, mode):
     expected = []
     for i, bl in enumerate(b):
         taus = np.stack([np_leaves(s)[i] - bl for s in sources])
-        index = np.abs(taus).argmax(axis=0)
-        expected.append(bl + 0.5 * np.take_along_axis(taus, index[None], 0)[0])
+        latest_first = taus[::-1]
+        index = np.abs(latest_first).argmax(axis=0)
+        expected.append(bl + 0.5 * np.take_along_axis(latest_first, index[None], 0)[0])
     got = mode(lambda b, *s: merging.magmax(b, s))(base, *sources)
     assert_matches(got, expected, base)
 
 
-def test_fisher_merge_weights_by_the_floored_fishers(trees, mode):
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fisher_merge_weights_as_fusionbench(trees, mode, normalize):
+    """FusionBench's rule, written out in NumPy: weight_k = c_k (F_k + 1e-6) with
+    c_k = 1 / (global L2 norm of F_k + 1e-6) (1 when not normalising)."""
     _, sources = trees
     rng = np.random.default_rng(1)
     fishers = [
         jax.tree.map(lambda x: jnp.asarray(rng.exponential(size=jnp.shape(x)), x.dtype), s)
         for s in sources
     ]
-    fishers[0] = jax.tree.map(jnp.zeros_like, fishers[0])  # floored to 1e-6
+    fishers[0] = jax.tree.map(jnp.zeros_like, fishers[0])  # only the floor is left
+    fishers[1] = jax.tree.map(lambda f: 1000 * f, fishers[1])  # a large-scale Fisher
+    coefficients = [
+        1 / (np.sqrt(sum(np.sum(np.square(x)) for x in np_leaves(f))) + 1e-6)
+        if normalize
+        else 1.0
+        for f in fishers
+    ]
     expected = []
     for i in range(len(np_leaves(sources[0]))):
-        w = [np.maximum(np_leaves(f)[i], 1e-6) for f in fishers]
+        w = [
+            c * (np_leaves(f)[i] + 1e-6) for c, f in zip(coefficients, fishers, strict=True)
+        ]
         x = [np_leaves(s)[i] for s in sources]
         expected.append(sum(a * b for a, b in zip(w, x, strict=True)) / sum(w))
-    got = mode(lambda s, f: merging.fisher(s, f))(sources, fishers)
+    got = mode(lambda s, f: merging.fisher(s, f, normalize=normalize))(sources, fishers)
     assert_matches(got, expected, sources[0], atol=1e-4)
 
 
@@ -226,6 +271,20 @@ def test_streaming_equals_all_at_once(trees, merger, all_at_once):
         )
 
 
+def _close(got_tree, want_tree, rtol):
+    """Leaf by leaf in float32; a bfloat16 leaf may differ by its rounding (2^-8)."""
+    for got, want in zip(
+        jax.tree.leaves(got_tree), jax.tree.leaves(want_tree), strict=True
+    ):
+        tolerance = max(rtol, 2**-7) if got.dtype == jnp.bfloat16 else rtol
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32),
+            np.asarray(want, np.float32),
+            rtol=tolerance,
+            atol=rtol,
+        )
+
+
 def test_streaming_fisher_equals_all_at_once(trees):
     _, sources = trees
     fishers = [jax.tree.map(lambda x: jnp.abs(x) + 0.1, s) for s in sources]
@@ -235,10 +294,14 @@ def test_streaming_fisher_equals_all_at_once(trees):
         loaders_of(list(zip(sources, fishers, strict=True))),
     )
     expected = merging.fisher(sources, fishers)
-    for got, want in zip(jax.tree.leaves(streamed), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(
-            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-5, atol=1e-5
-        )
+    _close(streamed, expected, 1e-5)
+    scaled = [jax.tree.map(lambda f, k=k: (k + 1) * f, f) for k, f in enumerate(fishers)]
+    normalised = merging.merge_streaming(  # each model's scale is normalised away
+        merging.streaming.fisher(),
+        sources[0],
+        loaders_of(list(zip(sources, scaled, strict=True))),
+    )
+    _close(normalised, expected, 1e-4)
 
 
 def test_streaming_restores_each_source_once_per_pass(trees):

@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.pretrain.data_config = "pretrain"
     config.source_training = _section(TrainConfig())
     # The experiment (python -m experiments.main).
-    config.methods = ("grasp", "ensemble", "finetune", "target_only")
+    config.methods = ("grasp", "ensemble", "finetune", "staged_finetune", "target_only")
     config.targets = ("all",)  # "all": leave-one-out over every bin
     config.sources = "all"  # "all" other bins (the reference), or "past" bins only
     config.trials = 3
@@ -63,7 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.merging.finetune_epochs = -1  # -1: GRASP's budget, initial + finetune x (K-1)
     for name in ("task_arithmetic", "ties", "dare", "magmax", "fisher"):
         config.merging[name] = _defaults(getattr(merging.streaming, name))
-    config.merging.fisher.examples = 256  # target examples the Fisher is estimated on
+    # Fisher merging's data: "expected_own_data" (FusionBench's: each source's own
+    # training split, its own softmax) or "empirical_target" (the target's, true labels).
+    config.merging.fisher.estimate = "expected_own_data"
+    config.merging.fisher.examples = 256  # examples the Fisher is estimated on
     # Save GRASP's final model as the reference does (a PyTorch state dict, run folder's
     # checkpoints/); needs the torch extra and a model with a PyTorch layout.
     config.save_final = False

@@ -19,7 +19,8 @@ REGISTRY: dict[str, Method] = {
     for module in (grasp, ensembles, fusion, pearl, weight_merges, finetune)
     for method in module.METHODS
 }
-ALIASES = dict(ensembles.ALIASES)
+# Names that run another entry's method under the name earlier results used.
+ALIASES = {m.name: m.alias_of for m in REGISTRY.values() if m.alias_of}
 
 
 def selected(config) -> list[str]:

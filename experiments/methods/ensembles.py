@@ -105,7 +105,7 @@ def ensemble_flops(
     return out
 
 
-def _entry(name: str, voting: str) -> Method:
+def _entry(name: str, voting: str, alias_of: str | None = None) -> Method:
     return Method(
         name,
         functools.partial(run_ensemble, voting=voting),
@@ -113,14 +113,13 @@ def _entry(name: str, voting: str) -> Method:
         flops=functools.partial(ensemble_flops, voting=voting),
         memory_marks=reference_format.MEMORY_CHECKPOINTS["ensemble"],
         description=f"output-space ensemble of the sources: {VOTING[voting]}",
+        alias_of=alias_of,
     )
 
 
 METHODS = (
-    _entry("ensemble", "soft"),  # the alias of ensemble_soft (`ALIASES`)
+    _entry("ensemble", "soft", alias_of="ensemble_soft"),
     _entry("ensemble_soft", "soft"),
     _entry("ensemble_prob", "prob"),
     _entry("ensemble_vote", "vote"),
 )
-# Names that run another entry's method under the name earlier results used.
-ALIASES = {"ensemble": "ensemble_soft"}

@@ -1,5 +1,7 @@
-"""GRASP, and `grasp_random`: the same driver, but each merge moves as many units as
-GRASP's rule would, chosen at random (what alignment adds beyond moving that much)."""
+"""GRASP and its two controls, all run by the same driver. `grasp_random`: each merge
+moves as many units as GRASP's rule would, chosen at random (what alignment adds beyond
+moving that much). `staged_finetune`: GRASP's stages, restarts and best-validation
+restores with a threshold nothing passes (what alignment adds beyond the staging)."""
 
 from __future__ import annotations
 
@@ -25,8 +27,12 @@ TRANSFER_KEYS = (
 MARKS = reference_format.MEMORY_CHECKPOINTS["grasp"]
 
 
-def run_grasp(ctx: Context, rule: str = "aligned") -> MethodResult:
+def run_grasp(
+    ctx: Context, rule: str = "aligned", threshold: float | None = None
+) -> MethodResult:
     cfg = settings.grasp(ctx.config)
+    if threshold is not None:
+        cfg = dataclasses.replace(cfg, threshold=threshold)
     first, *later = ctx.source_bins
     steps = grasp.default_steps(
         ctx.model,
@@ -127,8 +133,21 @@ def _entry(name: str, rule: str, description: str) -> Method:
     )
 
 
+def staged_settings(config) -> dict:
+    """GRASP's settings with the threshold nothing passes."""
+    return grasp_settings(config) | {"threshold": grasp.NOTHING_MOVES}
+
+
 METHODS = (
     _entry("grasp", "aligned", "sequential transfer of gradient-aligned parameters"),
+    Method(
+        "staged_finetune",
+        functools.partial(run_grasp, threshold=grasp.NOTHING_MOVES),
+        staged_settings,
+        flops=grasp_flops,
+        memory_marks=MARKS,
+        description="GRASP's stages and restores with nothing moved (the exact control)",
+    ),
     _entry(
         "grasp_random",
         "random",

@@ -15,12 +15,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from experiments import reference_format, settings
 from experiments.context import Context, Method, MethodResult
-from grasp_jax import evaluation, merging, objective, seeding
-from grasp_jax import input_pipeline as ip
+from experiments.methods import fisher_estimate
+from grasp_jax import evaluation, merging, seeding
 
 NAMES = ("soup", "task_arithmetic", "ties", "dare", "magmax", "fisher")
 # Ranges the merge hyperparameters must lie in (DARE's rate < 1: it divides by 1 - rate).
@@ -42,47 +41,11 @@ def merger_hyperparameters(config, name: str) -> dict:
 def merger_of(config, name: str, key: jax.Array) -> merging.StreamingMerger:
     """The merger `name` with the config's hyperparameters (DARE: drawing from `key`)."""
     hyperparameters = merger_hyperparameters(config, name)
-    hyperparameters.pop("examples", None)  # Fisher's data, not the merger's
+    for key in ("examples", "estimate"):  # Fisher's data, not the merger's
+        hyperparameters.pop(key, None)
     if name == "dare":
         hyperparameters["key"] = key
     return getattr(merging.streaming, name)(**hyperparameters)
-
-
-@functools.cache
-def _example_loss(model):
-    """Cross-entropy of one preprocessed example in eval mode (the Fisher's loss)."""
-
-    def loss(params, example, batch_stats):
-        logits, _ = objective.forward(
-            model, params, batch_stats, example["image"][None], train=False
-        )
-        return objective.cross_entropy(logits, example["label"][None])
-
-    return loss
-
-
-def source_fisher(ctx: Context, variables: dict, examples: int):
-    """The source's diagonal Fisher on the first `examples` target training examples
-    (in order, centre crops)."""
-    pipeline = ctx.pipeline
-    batches = ip.dataset(
-        ctx.splits["train"], pipeline, train=False, shard_index=0, shard_count=1
-    )
-    chosen, seen = [], 0
-    for batch in batches:
-        if seen >= examples:
-            break
-        take = min(len(batch["label"]), examples - seen)
-        seen += take
-        chosen.append(
-            {
-                "image": ip.normalize(batch["image"][:take], pipeline),
-                "label": jnp.asarray(batch["label"][:take]),
-            }
-        )
-    return merging.fisher_diagonal(
-        _example_loss(ctx.model), variables["params"], chosen, variables["batch_stats"]
-    )
 
 
 def finetune_epochs(config, sources: int) -> int:
@@ -111,8 +74,7 @@ def merge_sources(ctx: Context, name: str) -> dict:
             stats = variables.get("batch_stats", {})
             stats_state = stats_update(stats_state, stats, None, index, 0)
         if name == "fisher":
-            examples = ctx.config.merging.fisher.examples
-            return variables["params"], source_fisher(ctx, variables, examples)
+            return variables["params"], fisher_estimate.of_source(ctx, variables, bin_name)
         return variables["params"]
 
     start = ctx.base()["params"] if merger.from_base else abstract["params"]
@@ -170,8 +132,18 @@ def check(config) -> None:
                 raise ValueError(
                     f"merging.{name}.{key}={value}; use a value in [{low}, {high}]"
                 )
+    if section.fisher.estimate not in fisher_estimate.ESTIMATES:
+        raise ValueError(
+            f"merging.fisher.estimate={section.fisher.estimate!r}; use one of "
+            f"{list(fisher_estimate.ESTIMATES)}"
+        )
     if section.fisher.examples < 1:
         raise ValueError(f"merging.fisher.examples={section.fisher.examples}; use >= 1")
+    if section.ties.aggregate not in merging.kernels.TIES_AGGREGATES:
+        raise ValueError(
+            f"merging.ties.aggregate={section.ties.aggregate!r}; use one of "
+            f"{list(merging.kernels.TIES_AGGREGATES)}"
+        )
 
 
 METHODS = tuple(

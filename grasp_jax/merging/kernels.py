@@ -97,33 +97,53 @@ def trim(tau: PyTree, threshold) -> PyTree:
     return jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= threshold, x, 0.0), tau)
 
 
-def disjoint_mean(trimmed: Sequence[PyTree], sign: PyTree) -> PyTree:
-    """Per element, the mean of the entries whose sign is the elected one (0 if none)."""
+TIES_AGGREGATES = ("sum", "mean")
 
-    def mean(s, *xs):
+
+def disjoint_merge(trimmed: Sequence[PyTree], sign: PyTree, aggregate: str) -> PyTree:
+    """Per element, the sum (or mean) of the entries whose sign is the elected one (0 if
+    none)."""
+
+    def merge(s, *xs):
         agree = [(jnp.sign(x) == s) & (x != 0) for x in xs]
         total = sum(jnp.where(a, x, 0.0) for a, x in zip(agree, xs, strict=True))
-        count = sum(a.astype(jnp.float32) for a in agree)
-        return total / jnp.maximum(count, 1.0)
+        if aggregate == "sum":
+            return total
+        return total / jnp.maximum(sum(a.astype(jnp.float32) for a in agree), 1.0)
 
-    return jax.tree.map(mean, sign, *trimmed)
+    return jax.tree.map(merge, sign, *trimmed)
 
 
-@functools.partial(jax.jit, static_argnames="keep")
-def _ties(base, sources, scale, *, keep):
+def check_aggregate(aggregate: str) -> str:
+    if aggregate not in TIES_AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r}; use one of {list(TIES_AGGREGATES)}")
+    return aggregate
+
+
+@functools.partial(jax.jit, static_argnames=("keep", "aggregate"))
+def _ties(base, sources, scale, *, keep, aggregate):
     trimmed = [trim(t, trim_threshold(t, keep)) for t in task_vectors(base, sources)]
     sign = jax.tree.map(lambda *xs: jnp.sign(sum(xs)), *trimmed)
-    return base_plus(base, disjoint_mean(trimmed, sign), scale)
+    return base_plus(base, disjoint_merge(trimmed, sign, aggregate), scale)
 
 
-def ties(base: PyTree, sources: Sequence[PyTree], *, keep=0.2, scale=0.3) -> PyTree:
+def ties(
+    base: PyTree,
+    sources: Sequence[PyTree],
+    *,
+    keep=0.2,
+    scale=0.3,
+    aggregate: str = "sum",
+) -> PyTree:
     """TIES-merging (Yadav et al. 2023): trim each task vector to its `keep` fraction of
     largest magnitudes, elect each element's sign by total mass (sign of the sum of the
-    trimmed vectors; a zero sum elects nothing and the element stays at base), average
-    the entries that agree with it, then base + scale * that mean. FusionBench's
-    defaults: keep 20 %, scale 0.3."""
+    trimmed vectors; a zero sum elects nothing and the element stays at base), combine
+    the entries that agree with it, then base + scale * that. FusionBench's defaults:
+    keep 20 %, scale 0.3, the disjoint **sum** (`aggregate="mean"`: the disjoint mean of
+    the TIES paper's equations, up to K times smaller steps)."""
     base, *sources = check_sources(sources, base)
-    return _ties(base, sources, scale, keep=float(keep))
+    aggregate = check_aggregate(aggregate)
+    return _ties(base, sources, scale, keep=float(keep), aggregate=aggregate)
 
 
 def dare_masks(key: jax.Array, tree: PyTree, rate) -> PyTree:
@@ -164,8 +184,8 @@ def dare(
 @jax.jit
 def _magmax(base, sources, scale):
     def largest(*taus):
-        stacked = jnp.stack(taus)
-        index = jnp.argmax(jnp.abs(stacked), axis=0)  # the first on equal magnitudes
+        stacked = jnp.stack(taus[::-1])  # latest first: argmax takes the first maximum
+        index = jnp.argmax(jnp.abs(stacked), axis=0)
         return jnp.take_along_axis(stacked, index[None], axis=0)[0]
 
     return base_plus(base, jax.tree.map(largest, *task_vectors(base, sources)), scale)
@@ -173,29 +193,55 @@ def _magmax(base, sources, scale):
 
 def magmax(base: PyTree, sources: Sequence[PyTree], *, scale=0.5) -> PyTree:
     """MagMax (Marczak et al. 2024): per element the task vector entry of largest
-    magnitude, base + scale * it; scale 0.5 as in the authors' code."""
+    magnitude (on equal magnitudes the later source's, as FusionBench), base + scale *
+    it; scale 0.5 as in the authors' code."""
     base, *sources = check_sources(sources, base)
     return _magmax(base, sources, scale)
 
 
+def fisher_norm(fisher_tree: PyTree) -> jax.Array:
+    """The global L2 norm of one model's Fisher over all its parameters."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(_f32(f))) for f in jax.tree.leaves(fisher_tree)))
+
+
+def fisher_coefficient(fisher_tree: PyTree, floor, normalize) -> jax.Array:
+    """A model's weight in FusionBench's normalised Fisher merge: 1 / (|F| + floor),
+    so that each model's Fisher counts by its shape, not its scale (1 without
+    normalisation). A common factor over the models cancels in the weighted mean."""
+    scale = 1.0 / (fisher_norm(fisher_tree) + floor)
+    return jnp.where(normalize, scale, 1.0)
+
+
 @jax.jit
-def _fisher(sources, fishers, floor):
+def _fisher(sources, fishers, floor, normalize):
+    coefficients = [fisher_coefficient(f, floor, normalize) for f in fishers]
+
     def weighted(*pairs):
         k = len(pairs) // 2
-        weights = [jnp.maximum(_f32(f), floor) for f in pairs[k:]]
+        weights = [
+            c * (_f32(f) + floor) for c, f in zip(coefficients, pairs[k:], strict=True)
+        ]
         total = sum(w * _f32(x) for w, x in zip(weights, pairs[:k], strict=True))
         return total / sum(weights)
 
     return _merged(sources[0], jax.tree.map(weighted, *sources, *fishers))
 
 
-def fisher(sources: Sequence[PyTree], fishers: Sequence[PyTree], *, floor=1e-6) -> PyTree:
-    """Fisher merging (Matena & Raffel 2022): per element the mean of the sources weighted
-    by their diagonal Fishers, each floored at `floor` (FusionBench's 1e-6) so that an
-    element no source is sensitive to gets the plain mean. `fisher_diagonal` estimates
-    the Fishers."""
+def fisher(
+    sources: Sequence[PyTree],
+    fishers: Sequence[PyTree],
+    *,
+    floor=1e-6,
+    normalize=True,
+) -> PyTree:
+    """Fisher merging (Matena & Raffel 2022) as FusionBench computes it: per element the
+    mean of the sources weighted by c_k (F_k + floor), where F_k is source k's diagonal
+    Fisher, `floor` (1e-6) keeps every weight positive, and c_k = 1 / (|F_k| + floor)
+    normalises each model's Fisher by its global L2 norm (`normalize=False`: c_k = 1).
+    An element no source is sensitive to gets the c-weighted mean (the plain mean
+    without normalisation). `fisher_diagonal` estimates the Fishers."""
     if len(fishers) != len(sources):
         raise ValueError(f"{len(sources)} sources but {len(fishers)} Fisher trees")
     sources, fishers = check_sources(sources), check_sources(fishers, label="fishers")
     check_same_structure(("sources[0]", "fishers[0]"), sources[0], fishers[0])
-    return _fisher(sources, fishers, floor)
+    return _fisher(sources, fishers, floor, normalize)

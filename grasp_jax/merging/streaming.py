@@ -120,9 +120,9 @@ def task_arithmetic(scale=0.3) -> StreamingMerger:
 
 def magmax(scale=0.5) -> StreamingMerger:
     """Per element the task-vector entry of largest magnitude; on equal magnitudes the
-    earlier source's (as `kernels.magmax`)."""
+    later source's (as `kernels.magmax` and FusionBench)."""
     return _task_vector_merger(
-        lambda best, tau: jnp.where(jnp.abs(tau) > jnp.abs(best), tau, best), scale
+        lambda best, tau: jnp.where(jnp.abs(tau) >= jnp.abs(best), tau, best), scale
     )
 
 
@@ -144,8 +144,9 @@ def dare(key: jax.Array, rate=0.5, scale=0.3) -> StreamingMerger:
     return StreamingMerger(init, update, finish, from_base=True)
 
 
-def fisher(floor=1e-6) -> StreamingMerger:
-    """Fisher-weighted mean; each source is a pair (params, diagonal Fisher)."""
+def fisher(floor=1e-6, normalize=True) -> StreamingMerger:
+    """Fisher-weighted mean (`kernels.fisher`); each source is a pair (params, diagonal
+    Fisher). A model's normalising coefficient needs only its own Fisher: one pass."""
 
     def init(like):
         check_floating(("start",), like)
@@ -155,7 +156,10 @@ def fisher(floor=1e-6) -> StreamingMerger:
         params, fisher_tree = source
         _checked(state.numerator, params, index)
         check_same_structure(("the source's params", "its Fisher"), params, fisher_tree)
-        weights = jax.tree.map(lambda f: jnp.maximum(kernels._f32(f), floor), fisher_tree)
+        coefficient = kernels.fisher_coefficient(fisher_tree, floor, normalize)
+        weights = jax.tree.map(
+            lambda f: coefficient * (kernels._f32(f) + floor), fisher_tree
+        )
         numerator = jax.tree.map(
             lambda n, w, x: n + w * kernels._f32(x), state.numerator, weights, params
         )
@@ -169,10 +173,11 @@ def fisher(floor=1e-6) -> StreamingMerger:
     return StreamingMerger(init, update, finish)
 
 
-def ties(keep=0.2, scale=0.3) -> StreamingMerger:
-    """TIES in two passes: sign mass, then the disjoint mean of the agreeing entries
-    (`kernels.ties`). `keep` fixes an index, so it is a Python float."""
+def ties(keep=0.2, scale=0.3, aggregate="sum") -> StreamingMerger:
+    """TIES in two passes: sign mass, then the disjoint sum (or mean) of the agreeing
+    entries (`kernels.ties`). `keep` fixes an index, so it is a Python float."""
     keep = float(keep)
+    aggregate = kernels.check_aggregate(aggregate)
 
     def init(base):
         check_floating(("base",), base)
@@ -198,8 +203,10 @@ def ties(keep=0.2, scale=0.3) -> StreamingMerger:
         return state._replace(total=total, count=count)
 
     def finish(state, base):
-        mean = jax.tree.map(lambda s, c: s / jnp.maximum(c, 1), state.total, state.count)
-        return kernels.base_plus(base, mean, scale)
+        merged = state.total
+        if aggregate == "mean":
+            merged = jax.tree.map(lambda s, c: s / jnp.maximum(c, 1), merged, state.count)
+        return kernels.base_plus(base, merged, scale)
 
     return StreamingMerger(init, update, finish, passes=2, from_base=True)
 
