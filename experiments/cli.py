@@ -1,24 +1,56 @@
-"""How the commands end on a user's mistake: one line that names it and the fix, exit
-status 1, no traceback. Anything else is a bug and keeps its traceback."""
+"""What every command shares: its flags, a fast `--help`, and how it ends on a user's
+mistake (one line that names it and the fix, exit status 1, no traceback; anything else
+is a bug and keeps its traceback). Light to import: JAX and the models load only once
+the flags are parsed."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from data.folder_layout import LayoutError
-from experiments import distributed, methods, settings
+from experiments import configs, distributed
 from experiments.configs import CONFIG_DIR
-from experiments.settings import ConfigError
-from grasp_jax.checkpoints import CheckpointError
-from grasp_jax.files import OutputError
-from grasp_jax.interop import InteropError
 
-USER_ERRORS = (ConfigError, CheckpointError, InteropError, LayoutError, OutputError)
+HELP_FLAGS = {"-h", "-?", "--help", "--helpshort", "--helpfull"}
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a user's mistake (imported when first needed)."""
+    from data.folder_layout import LayoutError
+    from experiments.settings import ConfigError
+    from grasp_jax.checkpoints import CheckpointError
+    from grasp_jax.files import OutputError
+    from grasp_jax.interop import InteropError
+
+    return (ConfigError, CheckpointError, InteropError, LayoutError, OutputError)
+
+
+def exit_on_help(argv: list[str], doc: str) -> None:
+    """`--help` without parsing the config (which imports JAX and the data sets): the
+    command's docstring, the configs, the override syntax and the flags; exit 0."""
+    if not HELP_FLAGS & set(argv[1:]):
+        return
+    print(doc.strip())
+    print(
+        f"""
+configs (experiments/configs/, or a path to a config file):
+  {", ".join(configs.available())}
+overrides:
+  --config=digits:trials=1,grasp.threshold=0.5   (key=value after a colon)
+  --config.grasp.threshold=0.5                    (one key per flag)
+flags:
+  --config=NAME[:ARGS]   the experiment (default digits)
+  --workdir=DIR          output folder (default runs/<config name>)
+  --distributed          join a TPU pod / SLURM job (jax.distributed.initialize)
+  --coordinator=HOST:PORT --num_processes=N --process_id=I   any other cluster
+  --cpu_collectives=gloo collectives between CPU-only hosts"""
+    )
+    raise SystemExit(0)
 
 
 def define_config_flags() -> None:
@@ -37,13 +69,16 @@ def define_experiment_flags() -> None:
 def run_experiment_command(command: str, work):
     """Joins the job, reads `--config` and `--workdir`, checks the folder and runs
     `work(config, workdir)` with one-line user errors; returns (config, workdir, result)."""
+    from experiments import methods, settings, workdir_lock  # not for compare
+
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     distributed.initialize()
     config, workdir = config_and_workdir()
     with one_line_errors(command):
         settings.check(config, methods.REGISTRY)  # before the folder is made
         check_workdir(workdir)
-        return config, workdir, work(config, workdir)
+        with workdir_lock.held(workdir, command):
+            return config, workdir, work(config, workdir)
 
 
 def config_and_workdir():
@@ -54,15 +89,27 @@ def config_and_workdir():
 
 @contextlib.contextmanager
 def one_line_errors(command: str):
-    """Turns USER_ERRORS raised inside into `command: message` on stderr and exit 1."""
+    """Turns USER_ERRORS raised inside into `command: message` on stderr and exit 1,
+    and Ctrl-C into one line saying what is kept (exit 130)."""
     try:
         yield
-    except USER_ERRORS as err:
-        raise SystemExit(f"{command}: {err}") from None
+    except Exception as err:
+        if isinstance(err, user_errors()):
+            raise SystemExit(f"{command}: {err}") from None
+        raise
+    except KeyboardInterrupt:
+        print(
+            f"{command}: interrupted; finished runs, trained sources and the last "
+            "finished epoch are saved: rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
 
 
 def check_workdir(workdir: Path) -> None:
     """A work directory must be a folder we can write to: checked before any work."""
+    from experiments.settings import ConfigError
+
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir={workdir} is a file; pass a folder")
     try:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from experiments import cli, report
 from experiments.report import plots
@@ -39,24 +40,45 @@ def read_runs(root: Path) -> dict[tuple, dict]:
         raise ConfigError(f"{root} is not a folder of results; pass a results/ folder")
     if (root / "results").is_dir():
         root = root / "results"
-    runs = {}
+    runs, paths = {}, {}
     for path in sorted(root.glob("*/*/metrics.json")):
         try:
             record = json.loads(path.read_text())
-            runs[run_key(record)] = record
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            key = run_key(record)
+            accuracy = float(record["test_metrics"]["accuracy"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"{path} is not a run's metrics.json ({err!r})") from None
+        if key in runs:
+            raise ConfigError(
+                f"{paths[key].parent} and {path.parent} are the same run {key}; keep one "
+                "of them, or compare their folders separately"
+            )
+        if not math.isfinite(accuracy):
+            logging.warning("%s: test accuracy is %s (a diverged run?)", path, accuracy)
+        runs[key], paths[key] = record, path
     if not runs:
         raise ConfigError(f"no <dataset>/<run>/metrics.json under {root}")
     return runs
 
 
 def run_key(record: dict) -> tuple:
+    """(dataset, model, method variant, target, trial). The variant names what puts
+    two runs of one method in different folders: GRASP's threshold, and its granularity
+    and mode where they are not the reference's (tensor, hard)."""
+    if not isinstance(record, dict):
+        raise TypeError(f"a JSON object, not {type(record).__name__}")
     model = record.get("zoo_model") or zoo_name(record["model"])
-    method = record["method"]
-    threshold = record.get("hyperparameters", {}).get("alignment_threshold")
-    if threshold is not None:  # GRASP at different thresholds are different methods
-        method = f"{method} (threshold {threshold:g})"
+    hyperparameters = record.get("hyperparameters", {})
+    variant = []
+    if "alignment_threshold" in hyperparameters:
+        variant.append(f"threshold {hyperparameters['alignment_threshold']:g}")
+    unit = (
+        hyperparameters.get("granularity", "tensor"),
+        hyperparameters.get("mode", "hard"),
+    )
+    if unit != ("tensor", "hard"):
+        variant.append(" ".join(unit))
+    method = record["method"] + (f" ({', '.join(variant)})" if variant else "")
     return (record["dataset"], model, method, record["target"], int(record["trial"]))
 
 

@@ -6,7 +6,6 @@ python -m experiments.main --coordinator=HOST:PORT --num_processes=N --process_i
 
 from __future__ import annotations
 
-import jax
 from absl import flags
 
 
@@ -27,6 +26,8 @@ def define_flags() -> None:
 
 def initialize() -> None:
     """Joins a multi-process job when any of the flags asks for one."""
+    import jax
+
     given = flags.FLAGS
     if given.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", given.cpu_collectives)

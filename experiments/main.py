@@ -11,12 +11,14 @@ import sys
 
 from absl import app
 
-from experiments import cli, report, runner
+from experiments import cli
 from experiments.configs import expand_config_argument
 
 
 def main(argv: list[str]) -> None:
     del argv
+    from experiments import report, runner  # after the flags: --help stays fast
+
     config, workdir, summary = cli.run_experiment_command(
         "experiments.main", runner.run_experiment
     )
@@ -26,5 +28,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.exit_on_help(sys.argv, __doc__)
     cli.define_experiment_flags()
     app.run(main, argv=expand_config_argument(sys.argv))

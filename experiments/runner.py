@@ -18,9 +18,19 @@ import json
 import time
 from pathlib import Path
 
+import jax
 from absl import logging
+from jax.experimental import multihost_utils
 
-from experiments import machine, methods, reference_format, report, settings, source_matrix
+from experiments import (
+    console,
+    machine,
+    methods,
+    reference_format,
+    report,
+    settings,
+    source_matrix,
+)
 from experiments import sources as src
 from experiments.context import Context, Method
 from experiments.flops_report import StepCosts
@@ -49,10 +59,13 @@ def step_costs(config) -> StepCosts:
     )
 
 
-def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
-    """The whole experiment; returns the summary dict."""
+def run_experiment(config, workdir: Path, *, progress: bool | None = None) -> dict:
+    """The whole experiment; returns the summary dict. `progress`: bars (default: on a
+    terminal only; otherwise one line per run)."""
     start = time.perf_counter()
     run_methods(config, workdir, progress=progress)
+    if jax.process_count() > 1:  # process 0 wrote the runs every process now reads
+        multihost_utils.sync_global_devices("grasp_jax runs written")
     # The summary of every finished run on disk this config would reuse, not only of
     # the runs this command asked for: a command that ran little never shrinks it.
     results = finished_runs(config, workdir)
@@ -78,8 +91,9 @@ def run_experiment(config, workdir: Path, *, progress: bool = True) -> dict:
     return summary
 
 
-def run_methods(config, workdir: Path, *, progress: bool = True) -> list[dict]:
+def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[dict]:
     """Every run of the config (finished ones reused); returns their records."""
+    progress = console.on_terminal() if progress is None else progress
     targets = settings.check(config, methods.REGISTRY)
     src.train_sources(config, workdir)
     results_dir = workdir / "results" / config.dataset
@@ -127,12 +141,11 @@ def run_dependencies(config, method: Method, target: str, trial: int) -> dict:
 
 def finished_runs(config, workdir: Path) -> list[dict]:
     """The records of every finished run on disk that `config` would reuse: any method
-    of the registry, any bin as the target, any trial, under the same settings."""
+    of the registry (an alias under its own folder name), any bin as the target, any
+    trial, under the same settings."""
     results_dir = workdir / "results" / config.dataset
     records = []
     for name, method in methods.REGISTRY.items():
-        if method.alias_of is not None:
-            continue
         for target in config.bins:
             if not settings.source_bins(config, target):
                 continue
@@ -205,4 +218,6 @@ def run_one(
     title = f"{method.name} on {ctx.target}"
     report.write_run(out_dir, record, profile, class_names, title)
     record["method_label"] = method.name
+    accuracy = record["test_metrics"]["accuracy"]
+    console.event(f"{out_dir.name}: test accuracy {100 * accuracy:.1f} % ({seconds:.0f} s)")
     return record

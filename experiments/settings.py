@@ -101,7 +101,9 @@ def _check_methods(config, registry) -> None:
         raise ConfigError(
             f"unknown method(s) {unknown}; choose from {list(registry)} or all"
         )
-    if "all" in requested and len(requested) > 1:
+    if requested == ["all"]:
+        return
+    if "all" in requested:
         raise ConfigError(
             f"config.methods={'+'.join(requested)}: all already runs every method; pass "
             "all alone or a list of methods"

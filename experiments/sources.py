@@ -17,7 +17,7 @@ import ml_collections
 from tensorboardX import SummaryWriter
 
 from data.build import load_splits as load_data_splits
-from experiments import report, settings
+from experiments import console, report, settings
 from grasp_jax import checkpoints, loop, models
 
 
@@ -119,6 +119,12 @@ def train_one(
         workdir=run_dir,
         writer=writer,
         description=f"{config.dataset}/{name}",
+        progress=console.on_terminal(),
+    )
+    console.event(
+        f"{config.dataset}/{name}: trained, best validation accuracy "
+        f"{100 * result.best_val_accuracy:.1f} % in epoch {result.best_epoch} "
+        f"({result.seconds:.0f} s)"
     )
     checkpoints.save_variables(
         source_dir(config, workdir, name),

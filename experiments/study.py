@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from absl import app
 
-from experiments import cli, report, runner
+from experiments import cli, console, report, runner
 from experiments.configs import expand_config_argument
 from grasp_jax.alignment import GRANULARITIES
 from grasp_jax.grasp import NOTHING_MOVES
@@ -49,8 +49,13 @@ def variants() -> list[tuple[str, float, str, str]]:
 def run_study(config, workdir: Path, *, progress: bool = True) -> dict:
     """Every variant's runs (into the experiment's results folder), then the table."""
     records = {}
-    for variant in variants():
+    grid = variants()
+    for index, variant in enumerate(grid, start=1):
         method, threshold, granularity, mode = variant
+        console.event(
+            f"study {index}/{len(grid)}: {method}, threshold {threshold:g}, "
+            f"{granularity}, {mode}"
+        )
         changed = config.copy_and_resolve_references()
         changed.methods = (method,)
         changed.grasp.update(threshold=threshold, granularity=granularity, mode=mode)

@@ -13,16 +13,16 @@ import time
 
 from absl import app
 
-from experiments import cli, settings
+from experiments import cli
 from experiments.configs import expand_config_argument
-from experiments.sources import train_sources
-from grasp_jax import memory
 
 
 def checked_train_sources(config, workdir):
-    """`train_sources` after checking the config."""
+    """`sources.train_sources` after checking the config."""
+    from experiments import settings, sources
+
     settings.check(config)
-    return train_sources(config, workdir)
+    return sources.train_sources(config, workdir)
 
 
 def main(argv: list[str]) -> None:
@@ -37,6 +37,8 @@ def main(argv: list[str]) -> None:
             f"{bin_name:<12}{meta['best_val_accuracy']:>14.3f}{meta['best_epoch']:>7}"
             f"{meta['seconds']:>9.1f}"
         )
+    from grasp_jax import memory
+
     peak = memory.peak_host_memory_bytes()
     print(
         f"sources in {workdir / 'sources'}; {time.perf_counter() - start:.1f} s, "
@@ -45,5 +47,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.exit_on_help(sys.argv, __doc__)
     cli.define_experiment_flags()
     app.run(main, argv=expand_config_argument(sys.argv))

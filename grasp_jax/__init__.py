@@ -7,8 +7,10 @@ units of a source model, `merge_step` does both (traceable inside a caller's `ji
 alignment gradients by `lax.scan`, then the merge) as one program, and
 `summed_gradients` sums gradients over an iterable of batches. `run_grasp` sequences
 whole GRASP runs from `GraspSteps` (`default_steps` builds them on the library's `fit`).
+`merging` holds the literature's weight-space merges (all at once and streaming).
 """
 
+from grasp_jax import merging
 from grasp_jax.alignment import GRANULARITIES, alignment_scores
 from grasp_jax.gradients import summed_gradients
 from grasp_jax.grasp import FineTuned, GraspConfig, GraspSteps, default_steps, run_grasp
@@ -29,6 +31,7 @@ __all__ = [
     "default_steps",
     "grasp_stage",
     "merge_step",
+    "merging",
     "random_merge_step",
     "run_grasp",
     "summed_gradients",

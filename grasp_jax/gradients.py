@@ -17,8 +17,6 @@ import jax.numpy as jnp
 
 from grasp_jax.tree_checks import PyTree
 
-_NO_STATE = object()
-
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _accumulate(loss_fn: Callable, total: PyTree, params: PyTree, state, batch, *rest):
@@ -41,7 +39,7 @@ def summed_gradients(
     params: PyTree,
     batches: Iterable[Any],
     *rest: Any,
-    state: Any = _NO_STATE,
+    state: Any | None = None,
 ) -> Any:
     """Sum over `batches` of the gradient of `loss_fn` at `params`, in float32.
 
@@ -53,7 +51,7 @@ def summed_gradients(
     static argument, so pass the same function object each time (not a fresh lambda) to
     reuse the compiled step. Raises ValueError on no batches.
     """
-    stateful = state is not _NO_STATE
+    stateful = state is not None
     step_fn = loss_fn if stateful else _as_stateful(loss_fn)
     carried = state if stateful else None
     total = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -543,3 +544,80 @@ def test_a_request_that_cannot_work_is_refused_before_any_work(arg, message, tmp
     with pytest.raises(settings.ConfigError, match=message):
         runner.run_experiment(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_command_on_one_workdir_is_refused_and_a_dead_ones_lock_taken(tmp_path):
+    """Two commands on one folder trained the same sources twice, raced in TFDS's build
+    or called each other's live training "interrupted"."""
+    from experiments import workdir_lock
+
+    with workdir_lock.held(tmp_path, "experiments.main"):
+        lock = json.loads((tmp_path / ".lock").read_text())
+        assert lock["pid"] == os.getpid() and lock["command"] == "experiments.main"
+        with (
+            pytest.raises(
+                settings.ConfigError,
+                match=rf"in use by experiments\.main \(pid {os.getpid()} on .*; wait",
+            ),
+            workdir_lock.held(tmp_path, "experiments.study"),
+        ):
+            pass
+    assert not (tmp_path / ".lock").exists()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = {"pid": int(dead.stdout), "host": lock["host"], "command": "x", "started": 0}
+    (tmp_path / ".lock").write_text(json.dumps(stale))
+    with workdir_lock.held(tmp_path, "experiments.main"):  # its holder is gone
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_ctrl_c_says_what_is_kept_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stop, cli.one_line_errors("experiments.main"):
+        raise KeyboardInterrupt
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "experiments.main: interrupted; finished runs, trained sources and the last "
+        "finished epoch are saved: rerun the same command to resume"
+    ]
+
+
+def test_a_diverged_history_is_drawn_and_recorded(tmp_path):
+    """`grasp.learning_rate=1e999` went NaN and the curves crashed with KeyError
+    'train_loss' after the work, leaving the run unrecorded."""
+    from experiments.report import plots
+
+    history = [
+        {"epoch": 0, "train_loss": 1.0, "val_loss": 1.1, "val_accuracy": 0.5},
+        {"epoch": 1, "stopped": "training loss nan in epoch 1; stopped there"},
+    ]
+    plots.training_curves_png(history, tmp_path / "curves.png", "t")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", ["main", "train_sources"])
+def test_help_lists_configs_and_overrides_without_importing_jax(command):
+    """`--help` took 18-33 s (JAX, TFDS and the config loaded before absl printed it)
+    and exited 1."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['experiments.{command}', '--help']\n"
+        "try:\n"
+        f"    runpy.run_module('experiments.{command}', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    print('exit', stop.code, 'jax' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.strip().endswith("exit 0 False"), result.stderr[-2000:]
+    assert "clear10, clear100, digits, yearbook" in result.stdout
+    assert "--config.grasp.threshold=0.5" in result.stdout

@@ -15,7 +15,7 @@ import pytest
 from experiments import methods, runner
 from experiments import sources as src
 from experiments.context import Context
-from experiments.methods import ensembles, pearl, weight_merges
+from experiments.methods import ensembles, fusion, pearl, weight_merges
 from experiments.reference_format import MEMORY_CHECKPOINTS
 from grasp_jax import adapters, evaluation, logit_average, merging, models
 from grasp_jax import input_pipeline as ip
@@ -283,6 +283,18 @@ def test_staged_finetune_is_grasp_with_nothing_moved(experiment):
         context(config, workdir, **{"grasp.threshold": -1.0})
     )
     assert not np.array_equal(control.test["logits"], moved.test["logits"])
+
+
+def test_fusion_records_the_models_it_fused(experiment, monkeypatch):
+    """`num_source_models` came from the config, so a FUSION that fused fewer sources
+    than it was given still recorded all of them. Here the stack drops one."""
+    config, workdir, _ = experiment
+    real_stack = fusion.logit_average.stack
+    monkeypatch.setattr(
+        fusion.logit_average, "stack", lambda loaders: real_stack(loaders[:1])
+    )
+    result = fusion.run_fusion(context(config, workdir, **{"fusion.epochs": 1}))
+    assert result.extra["num_source_models"] == 1
 
 
 def test_faithful_pearl_is_the_first_source_zero_shot(experiment):

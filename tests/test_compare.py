@@ -135,3 +135,27 @@ def test_the_command_writes_markdown_csv_and_png_without_torch(trees, tmp_path):
 def test_a_folder_without_runs_is_one_clear_error(tmp_path):
     with pytest.raises(compare.ConfigError, match=r"no <dataset>/<run>/metrics\.json"):
         compare.read_runs(tmp_path)
+
+
+def test_grasp_variants_are_rows_of_their_own_and_collisions_are_named(tmp_path, caplog):
+    """Runs were keyed by method and threshold only: a channel/soft run at the same
+    threshold silently replaced the tensor/hard one. A NaN accuracy is reported."""
+    root = tmp_path / "ours"
+    hard = our_record("year_1-2", 1, 0.8, 0.7)
+    soft = our_record("year_1-2", 1, 0.6, 0.5)
+    soft["hyperparameters"] |= {"granularity": "channel", "mode": "soft"}
+    write_run(root, "mobilevit-xxs_year_1-2_grasp_30_trial1", hard)
+    write_run(root, "mobilevit-xxs_year_1-2_grasp_30_channel_soft_trial1", soft)
+    runs = compare.read_runs(root)
+    assert sorted(key[2] for key in runs) == [
+        "grasp (threshold 0.3)",
+        "grasp (threshold 0.3, channel soft)",
+    ]
+    write_run(root, "copy_of_the_hard_run", hard)
+    with pytest.raises(compare.ConfigError, match=r"copy_of_the_hard_run and .* same run"):
+        compare.read_runs(root)
+    (root / "results/clear10/copy_of_the_hard_run/metrics.json").unlink()
+    nan = our_record("year_3-4", 1, float("nan"), 0.5)
+    write_run(root, "mobilevit-xxs_year_3-4_grasp_30_trial1", nan)
+    compare.read_runs(root)
+    assert "test accuracy is nan" in caplog.text

@@ -54,6 +54,7 @@ def test_every_method_writes_its_files(experiment):
             record = json.loads((run / "metrics.json").read_text())
             assert record == json.loads((run / "config.json").read_text())
             assert record["method"] == method and record["target"] == "d2"
+            assert record["diverged"] == []  # no stage stopped on a non-finite loss
             assert record["sources"] == ["d0", "d1"] and record["trial"] == trial
             assert (
                 set(record["test_metrics"]) >= METRIC_KEYS

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
+
 from experiments.context import Context, MethodResult, section_method
 from experiments.flops_report import StepCosts, percent_breakdown, training_flops
 from grasp_jax import logit_average, recipe
@@ -48,10 +50,11 @@ def run_fusion(ctx: Context) -> MethodResult:
     ctx.mark("source_models_loaded")
     model = logit_average.LogitAverage(ctx.model)
     ctx.mark("fusion_model_created")
+    fused = jax.tree.leaves(stacked)[0].shape[0]  # what is fused, not what was asked
     fit = ctx.fit(stacked, cfg.recipe(), "fusion", model=model)
     ctx.mark("finetuning_complete")
     val, test = ctx.predict(fit.variables, model=model)
-    extra = {"num_source_models": len(ctx.source_bins)}
+    extra = {"num_source_models": fused}
     return MethodResult(val, test, fit.history, cfg.epochs, extra)
 
 

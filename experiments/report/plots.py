@@ -56,16 +56,17 @@ def confusion_matrix_png(
 
 
 def training_curves_png(history: list[dict], path: Path, title: str) -> None:
-    """Losses and validation accuracy over the concatenated epochs of all stages."""
+    """Losses and validation accuracy over the concatenated epochs of all stages (an
+    epoch without a value, e.g. one that diverged, leaves a gap)."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     x = np.arange(len(history))
-    left.plot(x, [h["train_loss"] for h in history], label="train")
-    left.plot(x, [h["val_loss"] for h in history], label="val")
+    left.plot(x, [h.get("train_loss", np.nan) for h in history], label="train")
+    left.plot(x, [h.get("val_loss", np.nan) for h in history], label="val")
     left.set_xlabel("epoch (all stages)")
     left.set_ylabel("loss")
     left.legend()
-    right.plot(x, [h["val_accuracy"] for h in history], color="tab:green")
+    right.plot(x, [h.get("val_accuracy", np.nan) for h in history], color="tab:green")
     right.set_xlabel("epoch (all stages)")
     right.set_ylabel("val accuracy")
     fig.suptitle(title)

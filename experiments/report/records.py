@@ -50,6 +50,8 @@ def run_record(
             )
         },
         "history": result.history,
+        # Why training stopped early (a non-finite loss), per stage; empty if it never did.
+        "diverged": [h["stopped"] for h in result.history if "stopped" in h],
         **result.extra,
     }
     record["flops"] = method.report_flops(ctx, result, costs)
