@@ -14,7 +14,7 @@ run: $(STAMP)
 
 # Every benchmark in one run (merge kernel, GRASP stage, throughput against PyTorch,
 # memory against K, the embedded job), written to benchmarks/results/<date>-<machine>.md
-# (README, "Performance"); about 1 h on 2 CPU cores.
+# (benchmarks/README.md); about 1 h on 2 CPU cores.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
@@ -23,7 +23,7 @@ bench: $(STAMP)
 device-check: $(STAMP)
 	$(BIN)/python benchmarks/device_check.py
 
-# Training/eval images per second of the model zoo, JAX vs PyTorch (README, "Model zoo").
+# Training/eval images per second of the model zoo, JAX vs PyTorch (docs/models.md).
 throughput: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 

@@ -10,6 +10,7 @@ skipped by TFDS; output goes to --data_dir (default ~/tensorflow_datasets).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def build(
             )
         manual = str(Path(manual_dir).expanduser())
         download_config = tfds.download.DownloadConfig(manual_dir=manual)
+    tfds.display_progress_bar(sys.stderr.isatty())  # no cursor codes in a log file
     built = {}
     for config in configs or available:
         builder = cls(config=config, data_dir=data_dir, **builder_kwargs)

@@ -91,7 +91,7 @@ def bin_examples(
     if not bin_dir.is_dir():
         raise LayoutError(
             f"bin folder {bin_dir} does not exist. Put each bin of the data set in its "
-            "own folder under the manual directory (see the README)."
+            "own folder under the manual directory (see docs/data.md)."
         )
     splits: dict[str, list[Example]] = {name: [] for name in SPLIT_DIRS}
     if detect_layout(bin_dir, class_names) == "split":

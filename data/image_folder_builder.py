@@ -2,7 +2,7 @@
 
 Images are stored as the original encoded bytes (JPEG/PNG) and decoded in the input
 pipeline: CLEAR's photos average tens of KB encoded but ~190 KB as 256x256 arrays, so
-bytes keep the build small at the cost of a decode per read (README, "Data", has figures).
+bytes keep the build small at the cost of a decode per read (docs/data.md has figures).
 Written as array_record by default, so neither building nor reading needs TensorFlow.
 """
 

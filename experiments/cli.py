@@ -89,7 +89,7 @@ def config_and_workdir():
 
 @contextlib.contextmanager
 def one_line_errors(command: str):
-    """Turns USER_ERRORS raised inside into `command: message` on stderr and exit 1,
+    """Turns `user_errors()` raised inside into `command: message` on stderr and exit 1,
     and Ctrl-C into one line saying what is kept (exit 130)."""
     try:
         yield

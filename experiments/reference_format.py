@@ -2,7 +2,7 @@
 written for its results read ours unchanged: its model strings in folder and file names,
 its memory keys, its multi-trial summary text. Our own keys stay beside its keys.
 
-Deliberate deviations (README, "Side by side with the PyTorch code"): the summary text
+Deliberate deviations (docs/reference.md §9): the summary text
 files go to `results/<dataset>/`, not the working directory; threshold folders use
 `round`, not the reference's truncating `int`; on CPU the memory keys hold this
 process's host memory (VmRSS/VmHWM) and `memory_source` says so.

@@ -35,6 +35,7 @@ from experiments import sources as src
 from experiments.context import Context, Method
 from experiments.flops_report import StepCosts
 from grasp_jax import flops, memory, models
+from grasp_jax import input_pipeline as ip
 
 
 def run_name(config, target: str, method: str, trial: int) -> str:
@@ -95,6 +96,8 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
     """Every run of the config (finished ones reused); returns their records."""
     progress = console.on_terminal() if progress is None else progress
     targets = settings.check(config, methods.REGISTRY)
+    if methods.ALIGNING & set(methods.selected(config)):
+        check_alignment_batches(config, workdir, targets)
     src.train_sources(config, workdir)
     results_dir = workdir / "results" / config.dataset
     title = f"{config.dataset} / {config.model}"
@@ -123,6 +126,19 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
                     continue
                 results.append(run_one(ctx, method, trial, costs, out_dir, class_names))
     return results
+
+
+def check_alignment_batches(config, workdir: Path, targets: list[str]) -> None:
+    """GRASP's alignment batches come from a target's train split in full batches: ask
+    for no more than the smallest target holds (1000 with 7 there used 7, recorded 1000)."""
+    wanted, batch = config.grasp.num_alignment_batches, config.pipeline.batch_size
+    for target in targets:
+        held = ip.steps_per_epoch(src.load_splits(config, workdir, target)["train"], batch)
+        if wanted > held:
+            raise settings.ConfigError(
+                f"grasp.num_alignment_batches={wanted}: target {target}'s train split "
+                f"holds {held} full batches of {batch}; use at most {held}"
+            )
 
 
 def run_dependencies(config, method: Method, target: str, trial: int) -> dict:

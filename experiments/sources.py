@@ -81,8 +81,14 @@ def reuse_checked(config, workdir: Path, name: str, expected: dict) -> bool:
     path = source_dir(config, workdir, name)
     if not checkpoints.is_complete(path):
         return False
+    metadata = checkpoints.read_metadata(path)
+    if metadata.get("bin", name) != name:
+        raise settings.ConfigError(
+            f"{path} holds the source of bin {metadata['bin']}, not of {name} (copied "
+            f"there?); delete {path} to retrain {name}"
+        )
     settings.require_same(
-        checkpoints.read_metadata(path).get("settings", {}),
+        metadata.get("settings", {}),
         expected,
         f"source {path} was trained",
         f"use another --workdir for this configuration, or delete {path} to retrain it",
@@ -176,8 +182,8 @@ def initial_variables(config, workdir: Path, writer) -> dict:
         fix = (
             "download the official ImageNet weights, then run `python -m "
             f"experiments.import_weights --model={config.model} --weights=PATH "
-            f"--num_classes={config.num_classes} --out={path}` (README: 'Starting from "
-            "pretrained weights')"
+            f"--num_classes={config.num_classes} --out={path}` (docs/models.md, "
+            "'Starting from pretrained weights')"
         )
         return checkpoints.restore_variables(path, abstract, name="init", fix=fix)
     if config.init != "pretrain":
@@ -205,8 +211,21 @@ def initial_variables(config, workdir: Path, writer) -> dict:
     return restore_source(config, workdir, name, abstract)
 
 
+def check_num_classes(config, workdir: Path) -> None:
+    """`config.num_classes` must be the data set's label count: a 5-class head on
+    10-label data trains to NaN and was saved as a source."""
+    labels = load_splits(config, workdir, config.bins[0])["train"].dataset_info
+    count = labels.features["label"].num_classes
+    if config.num_classes != count:
+        raise settings.ConfigError(
+            f"config.num_classes={config.num_classes}, but {config.dataset} has {count} "
+            f"classes; set num_classes={count}"
+        )
+
+
 def train_sources(config, workdir: Path) -> dict[str, dict]:
     """Trains the missing sources of `config`; returns each bin's metadata."""
+    check_num_classes(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     seeds = [settings.source_seed(config, b) for b in config.bins]
     missing = [

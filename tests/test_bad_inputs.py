@@ -356,6 +356,25 @@ def test_a_missing_init_checkpoint_says_what_init_must_be(tmp_path):
         sources.initial_variables(config, tmp_path, writer=None)
 
 
+def test_a_source_copied_into_another_bins_folder_is_refused(tmp_path):
+    """A d2 checkpoint copied over d0's (checksums and all) was accepted as d0's."""
+    config = digits.get_config()
+    seed = settings.source_seed(config, "d2")
+    copied = {
+        "bin": "d2",
+        "settings": sources.source_dependencies(config, "source_training", seed),
+    }
+    path = sources.source_dir(config, tmp_path, "d0")
+    checkpoints.save_variables(path, small_variables(), copied)
+    expected = sources.source_dependencies(
+        config, "source_training", settings.source_seed(config, "d0")
+    )
+    with pytest.raises(
+        settings.ConfigError, match=r"holds the source of bin d2, not of d0"
+    ):
+        sources.reuse_checked(config, tmp_path, "d0", expected)
+
+
 def test_a_source_is_not_reused_after_the_seed_changed(tmp_path):
     config = digits.get_config()
     seed = settings.source_seed(config, config.bins[0])
@@ -621,3 +640,30 @@ def test_help_lists_configs_and_overrides_without_importing_jax(command):
     assert result.stdout.strip().endswith("exit 0 False"), result.stderr[-2000:]
     assert "clear10, clear100, digits, yearbook" in result.stdout
     assert "--config.grasp.threshold=0.5" in result.stdout
+
+
+def test_num_classes_must_be_the_data_sets(digits_dir, tmp_path):
+    """`num_classes=5` on 10-label data went NaN in every stage and saved the untrained
+    start as the sources."""
+    config = digits.get_config("num_classes=5")
+    config.data_dir = str(digits_dir)
+    with pytest.raises(
+        settings.ConfigError,
+        match=r"^config\.num_classes=5, but digits_drift has 10 classes; set "
+        r"num_classes=10$",
+    ):
+        runner.run_experiment(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_alignment_batches_than_a_target_holds_are_refused(digits_dir, tmp_path):
+    """1000 asked, 7 there: 7 were used and 1000 recorded."""
+    config = digits.get_config("grasp.num_alignment_batches=1000")
+    config.data_dir = str(digits_dir)
+    with pytest.raises(
+        settings.ConfigError,
+        match=r"grasp\.num_alignment_batches=1000: target d0's train split holds 7 full "
+        r"batches of 32; use at most 7",
+    ):
+        runner.run_experiment(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

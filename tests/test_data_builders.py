@@ -139,7 +139,7 @@ def test_yearbook_labels_are_earlier_and_later_decade(tmp_path):
         (
             lambda root: (root / "other").mkdir(parents=True),
             r"bin folder .*year_1-2 does not exist\. Put each bin of the data set in its "
-            r"own folder under the manual directory \(see the README\)\.",
+            r"own folder under the manual directory \(see docs/data.md\)\.",
         ),
         (lambda root: (root / "year_1-2" / "misc").mkdir(parents=True), "unknown layout"),
         (

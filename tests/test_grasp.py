@@ -444,13 +444,13 @@ def test_the_stage_result_is_what_the_next_fine_tune_starts_from():
     assert kept == [{"mean": 1.0}, {"mean": 101.0}]
 
 
-def test_the_readme_example_runs_as_written():
-    """The README's "GRASP in your own training loop" block, executed verbatim."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_docs_own_loop_example_runs_as_written():
+    """docs/api.md's "GRASP in your own training loop" block, executed verbatim."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     block = readme.split("<!-- own-loop-example -->")[1].split("```python")[1]
     code = block.split("```")[0]
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/api.md", "exec"), namespace)
     result = namespace["result"]
     assert [s.source for s in result.stages] == ["source_0", "s1", "s2"]
     assert all(0.0 <= s.fraction <= 1.0 for s in result.stages[1:])

@@ -495,11 +495,17 @@ def test_two_processes_compute_the_same_results(digits_dir, tmp_path):
         )
         for i in range(2)
     ]
-    outputs = []
+    outputs, events = [], []
     for worker in workers:
         out, err = worker.communicate(timeout=900)
         assert worker.returncode == 0, err[-3000:]
+        # Redirected, a log has no progress-bar frames or cursor codes, and one
+        # timestamped line per trained model and per run (from process 0).
+        assert "\r" not in out + err and "\x1b[" not in out + err
+        events.append([line for line in out.splitlines() if ": test accuracy " in line])
         outputs.append(out[out.index("# digits_drift") :].split("\nresults in")[0])
+    assert [len(e) for e in events] == [2, 0]  # grasp and ensemble on d2, one trial
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d small-cnn_d2_", events[0][0])
     assert outputs[0] == outputs[1]
     on_disk = (tmp_path / "results/digits_drift/summary.md").read_text()
     assert outputs[0].strip() == on_disk.strip()

@@ -203,11 +203,11 @@ def test_a_stage_is_one_program_and_new_thresholds_do_not_recompile(compile_coun
     assert compile_count() == before + 1
 
 
-def test_the_readme_jitted_training_step_runs_as_written():
-    """The README's "merge_step inside your own jitted step" block, executed verbatim."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_docs_jitted_training_step_runs_as_written():
+    """docs/api.md's "merge_step inside your own jitted step" block, executed verbatim."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     block = readme.split("<!-- jitted-merge-example -->")[1].split("```python")[1]
     namespace: dict = {}
-    exec(compile(block.split("```")[0], "README.md", "exec"), namespace)
+    exec(compile(block.split("```")[0], "docs/api.md", "exec"), namespace)
     fractions = namespace["fractions"]
     assert len(fractions) == 5 and all(0.0 <= f <= 1.0 for f in fractions)

@@ -42,9 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.pipeline = ml_collections.ConfigDict(
         {k: pipeline[k] for k in ("resize_size", "crop_size", "batch_size")}
     )
-    # "imagenet": the weights imported into <workdir>/init/<model> (README); "pretrain":
-    # train once on the data set's `pretrain.data_config` and cache it; or the folder
-    # of any checkpoint saved by grasp_jax.checkpoints.
+    # "imagenet": the weights imported into <workdir>/init/<model> (docs/models.md);
+    # "pretrain": train once on the data set's `pretrain.data_config` and cache it; or the
+    # folder of any checkpoint saved by grasp_jax.checkpoints.
     config.init = "imagenet"
     config.pretrain = _section(TrainConfig())
     config.pretrain.data_config = "pretrain"
@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.sources = "all"  # "all" other bins (the reference), or "past" bins only
     config.trials = 3
     config.grasp = _section(GraspConfig())
-    # The baselines (README, "Methods"): the reference's FUSION and PEARL recipes, and the
+    # The baselines (docs/experiments.md): the reference's FUSION and PEARL recipes, and the
     # weight-space merges with the literature's defaults (each merger's own).
     config.fusion = _section(FusionConfig())
     config.pearl = _section(PearlConfig())

@@ -5,7 +5,7 @@ shared by `clear10.py`, `clear100.py` and `yearbook.py`.
 resize 256 / crop 224, batch 32, sources trained 15 epochs with AdamW 3e-4 (head 10x,
 warmup 2 of 15 epochs, clip 1.0, augmentation on), GRASP 3 initial + 3 per-source epochs
 at 5e-5, threshold 0.3, one alignment batch, 3 trials. Sources start from ImageNet
-weights imported with `python -m experiments.import_weights` (README), stored in
+weights imported with `python -m experiments.import_weights` (docs/models.md), stored in
 `<workdir>/init/`. The reference trains sources in 16-bit mixed precision;
 `model_overrides.dtype` picks ours (float32 by default).
 """

@@ -19,6 +19,8 @@ REGISTRY: dict[str, Method] = {
     for module in (grasp, ensembles, fusion, pearl, weight_merges, finetune)
     for method in module.METHODS
 }
+# The methods that draw GRASP's alignment batches from a target's train split.
+ALIGNING = frozenset(method.name for method in grasp.METHODS)
 # Names that run another entry's method under the name earlier results used.
 ALIASES = {m.name: m.alias_of for m in REGISTRY.values() if m.alias_of}
 

@@ -7,7 +7,7 @@ could make a variance negative), then fine-tunes the merged model on the target 
 GRASP's stage recipe for GRASP's total budget (`GraspConfig.total_epochs`) unless
 `merging.finetune_epochs` (-1: that budget) says otherwise. Task vectors are taken from
 the shared start every source was trained from (`Context.base`). Hyperparameters:
-`config.merging.<method>`, the literature's defaults (README, "Methods").
+`config.merging.<method>`, the literature's defaults (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def merger_hyperparameters(config, name: str) -> dict:
 def merger_of(config, name: str, key: jax.Array) -> merging.StreamingMerger:
     """The merger `name` with the config's hyperparameters (DARE: drawing from `key`)."""
     hyperparameters = merger_hyperparameters(config, name)
-    for key in ("examples", "estimate"):  # Fisher's data, not the merger's
-        hyperparameters.pop(key, None)
+    for data_key in ("examples", "estimate"):  # Fisher's data, not the merger's
+        hyperparameters.pop(data_key, None)
     if name == "dare":
         hyperparameters["key"] = key
     return getattr(merging.streaming, name)(**hyperparameters)
