@@ -179,6 +179,16 @@ def _check_save_final(config) -> None:
         ) from None
 
 
+def check_label_count(config: ml_collections.ConfigDict, count: int) -> None:
+    """`config.num_classes` must be the data set's: a 5-class head on 10-label data
+    trains to NaN and was once saved as a source."""
+    if config.num_classes != count:
+        raise ConfigError(
+            f"config.num_classes={config.num_classes}, but {config.dataset} has {count} "
+            f"classes; set num_classes={count}"
+        )
+
+
 def model_dependencies(config: ml_collections.ConfigDict) -> dict:
     """What any model's numbers depend on beside its own recipe and seed: part of the
     settings recorded with every source and run and compared before either is reused."""

@@ -1,9 +1,6 @@
-"""Source models: one per bin, all fine-tuned from one shared pretrained initialisation.
-
-Library code behind `experiments.train_sources` and the GRASP runner: where checkpoints
-live, how a missing one is trained, how one is restored into abstract shapes
-(`jax.eval_shape`).
-"""
+"""Source models: one per bin, all fine-tuned from one shared pretrained initialisation:
+where their checkpoints live, how a missing one is trained, how one is restored into
+abstract shapes (`jax.eval_shape`)."""
 
 from __future__ import annotations
 
@@ -211,21 +208,10 @@ def initial_variables(config, workdir: Path, writer) -> dict:
     return restore_source(config, workdir, name, abstract)
 
 
-def check_num_classes(config, workdir: Path) -> None:
-    """`config.num_classes` must be the data set's label count: a 5-class head on
-    10-label data trains to NaN and was saved as a source."""
-    labels = load_splits(config, workdir, config.bins[0])["train"].dataset_info
-    count = labels.features["label"].num_classes
-    if config.num_classes != count:
-        raise settings.ConfigError(
-            f"config.num_classes={config.num_classes}, but {config.dataset} has {count} "
-            f"classes; set num_classes={count}"
-        )
-
-
 def train_sources(config, workdir: Path) -> dict[str, dict]:
     """Trains the missing sources of `config`; returns each bin's metadata."""
-    check_num_classes(config, workdir)
+    info = load_splits(config, workdir, config.bins[0])["train"].dataset_info
+    settings.check_label_count(config, info.features["label"].num_classes)
     workdir.mkdir(parents=True, exist_ok=True)
     seeds = [settings.source_seed(config, b) for b in config.bins]
     missing = [
