@@ -642,28 +642,27 @@ def test_help_lists_configs_and_overrides_without_importing_jax(command):
     assert "--config.grasp.threshold=0.5" in result.stdout
 
 
-def test_num_classes_must_be_the_data_sets(digits_dir, tmp_path):
-    """`num_classes=5` on 10-label data went NaN in every stage and saved the untrained
-    start as the sources."""
-    config = digits.get_config("num_classes=5")
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        # 5 on 10-label data went NaN in every stage and saved the untrained start
+        (
+            "num_classes=5",
+            r"^config\.num_classes=5, but digits_drift has 10 classes; set "
+            r"num_classes=10$",
+        ),
+        # 1000 asked, 7 there: 7 were used and 1000 recorded
+        (
+            "grasp.num_alignment_batches=1000",
+            r"grasp\.num_alignment_batches=1000: target d0's train split holds 7 full "
+            r"batches of 32; use at most 7",
+        ),
+    ],
+)
+def test_a_request_the_data_cannot_serve_is_refused(arg, message, digits_dir, tmp_path):
+    """Checked against the built data set, before any training or folder."""
+    config = digits.get_config(arg)
     config.data_dir = str(digits_dir)
-    with pytest.raises(
-        settings.ConfigError,
-        match=r"^config\.num_classes=5, but digits_drift has 10 classes; set "
-        r"num_classes=10$",
-    ):
-        runner.run_experiment(config, tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()
-
-
-def test_more_alignment_batches_than_a_target_holds_are_refused(digits_dir, tmp_path):
-    """1000 asked, 7 there: 7 were used and 1000 recorded."""
-    config = digits.get_config("grasp.num_alignment_batches=1000")
-    config.data_dir = str(digits_dir)
-    with pytest.raises(
-        settings.ConfigError,
-        match=r"grasp\.num_alignment_batches=1000: target d0's train split holds 7 full "
-        r"batches of 32; use at most 7",
-    ):
+    with pytest.raises(settings.ConfigError, match=message):
         runner.run_experiment(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
