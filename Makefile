@@ -68,4 +68,4 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis mutants .jax-mutation-cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis mutants .jax-mutation-cache .jax-cache

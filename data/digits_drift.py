@@ -3,22 +3,26 @@
 The 1,797 8x8 handwritten digits are partitioned once (per class, fixed seed) into
 identities for training (1,078), validation (269) and test (450), 60/15/25 % of each
 class. No test identity is ever drawn into a train, validation or pretraining split, so
-test accuracy is never measured on a digit any model saw. Configs:
-  - `pretrain`: every train/validation/test identity, clean (it plays ImageNet's role:
-    every source starts from the same network pretrained on it);
-  - `d0`..`d4`: temporal domains, each drawing its own transformed copies: 250 train
-    identities and 60 validation identities (a random subset per domain), and all 450
-    test identities. Domain k has drift strength s = (k + 1) / 5:
-      - rotation by 30 * s degrees,
-      - strokes thickened by a (1 + 2 round(s)) pixel grey dilation,
-      - ink fading from white toward orange (1.0, 0.55, 0.15) by s,
-      - background lifted from black to 0.3 * s grey,
-    plus a small per-copy jitter (rotation within +-6 degrees, shift within +-1 pixel),
-    so each domain's copy of a digit is its own image.
-Every image is upsampled to 32x32 RGB so all models accept it.
+test accuracy is never measured on a digit any model saw.
+
+Every image is one rendering of an identity under nuisance factors: rotation, shift,
+scale, stroke width, ink colour (white toward orange) and background grey. Configs:
+  - `pretrain`: one rendering of every identity, its factors drawn independently, each
+    over its whole range (it plays ImageNet's role: every source starts from the same
+    network pretrained on it, and that network has seen every look a domain can have);
+  - `d0`..`d4`: temporal domains. Domain k draws each image's drift strength s from
+    [0.2 k - 0.05, 0.2 k + 0.25] (clipped to [0, 1]), so neighbouring domains overlap;
+    s sets the rotation (30 s degrees), the ink colour (s of the way to orange), the
+    background (0.3 s grey) and the chance of thick strokes (s), plus a per-image jitter
+    (rotation +-6 degrees, shift +-1 pixel, scale 0.9-1.1). Each domain renders 300 train
+    identities twice and 120 validation identities once (random subsets per domain), and
+    every test identity once.
+Every image is 32x32 RGB so all models accept it.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -31,13 +35,24 @@ DOMAINS = ("d0", "d1", "d2", "d3", "d4")
 IMAGE_SIZE = 32
 PARTITION_SEED = 2026
 INK_DRIFT = np.array([1.0, 0.55, 0.15])
+MAX_ROTATION = 30.0  # degrees at full drift
+MAX_BACKGROUND = 0.3  # grey level at full drift
 FRACTIONS = {"train": 0.60, "validation": 0.15}  # test: the rest
-PER_DOMAIN = {"train": 250, "validation": 60}  # test: every test identity
+# (identities, renderings of each) per domain split; test: every test identity once
+PER_DOMAIN = {"train": (300, 2), "validation": (120, 1)}
+DRIFT_WINDOW = (-0.05, 0.25)  # domain k's strengths: 0.2 k + this, clipped to [0, 1]
 
 
-def drift_strength(config: str) -> float:
-    """0 for the clean pool, (k + 1) / 5 for domain dk."""
-    return 0.0 if config == "pretrain" else (DOMAINS.index(config) + 1) / len(DOMAINS)
+class Look(NamedTuple):
+    """The nuisance factors of one rendering."""
+
+    angle: float  # degrees, counter-clockwise
+    dx: int
+    dy: int
+    scale: float
+    thick: bool  # strokes dilated by 3 pixels
+    ink: float  # 0 white .. 1 orange
+    background: float  # grey level
 
 
 def identities(labels: np.ndarray, seed: int = PARTITION_SEED) -> dict[str, np.ndarray]:
@@ -54,60 +69,90 @@ def identities(labels: np.ndarray, seed: int = PARTITION_SEED) -> dict[str, np.n
     return {split: np.sort(np.asarray(idx)) for split, idx in parts.items()}
 
 
-def draw(config: str, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """The identities each split of `config` renders (sorted)."""
+def draw(config: str, labels: np.ndarray) -> dict[str, list[tuple[int, int]]]:
+    """The (identity, rendering) pairs each split of `config` holds, sorted."""
     parts = identities(labels)
     if config == "pretrain":
-        return parts
+        return {split: [(int(i), 0) for i in idx] for split, idx in parts.items()}
     domain = DOMAINS.index(config)
-    out = {"test": parts["test"]}
-    for split, count in PER_DOMAIN.items():
+    out = {"test": [(int(i), 0) for i in parts["test"]]}
+    for split, (count, renderings) in PER_DOMAIN.items():
         rng = np.random.default_rng([PARTITION_SEED, 1 + domain, len(split)])
-        out[split] = np.sort(rng.choice(parts[split], size=count, replace=False))
+        chosen = np.sort(rng.choice(parts[split], size=count, replace=False))
+        out[split] = [(int(i), r) for i in chosen for r in range(renderings)]
     return out
 
 
-def render(
-    digit: np.ndarray, strength: float, jitter: tuple[float, int, int] = (0.0, 0, 0)
-) -> np.ndarray:
-    """One 8x8 digit (values 0..16) as a drifted 32x32x3 uint8 image; `jitter` is an
-    extra (degrees, dx, dy)."""
-    angle, dx, dy = jitter
-    grey = Image.fromarray((digit / 16.0 * 255).astype(np.uint8))
-    grey = grey.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    grey = grey.rotate(
-        30.0 * strength + angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy)
+def look_of(config: str, identity: int, rendering: int) -> Look:
+    """The factors of one rendering: independent and full-range in the pool, drawn from
+    domain k's strength window otherwise. Fixed by (config, identity, rendering)."""
+    stream = 0 if config == "pretrain" else 1 + DOMAINS.index(config)
+    rng = np.random.default_rng([PARTITION_SEED, 100 + stream, identity, rendering])
+    if config == "pretrain":
+        return Look(
+            angle=float(rng.uniform(-6.0, MAX_ROTATION + 6.0)),
+            dx=int(rng.integers(-2, 3)),
+            dy=int(rng.integers(-2, 3)),
+            scale=float(rng.uniform(0.85, 1.15)),
+            thick=bool(rng.random() < 0.5),
+            ink=float(rng.uniform(0.0, 1.0)),
+            background=float(rng.uniform(0.0, MAX_BACKGROUND)),
+        )
+    low, high = (0.2 * (stream - 1) + edge for edge in DRIFT_WINDOW)
+    s = float(np.clip(rng.uniform(low, high), 0.0, 1.0))
+    return Look(
+        angle=MAX_ROTATION * s + float(rng.uniform(-6.0, 6.0)),
+        dx=int(rng.integers(-1, 2)),
+        dy=int(rng.integers(-1, 2)),
+        scale=float(rng.uniform(0.9, 1.1)),
+        thick=bool(rng.random() < s),
+        ink=s,
+        background=MAX_BACKGROUND * s,
     )
-    ink = np.asarray(grey, np.float64) / 255.0
-    width = 1 + 2 * round(strength)
-    if width > 1:
-        ink = ndimage.grey_dilation(ink, size=(width, width))
-    colour = (1 - strength) * np.ones(3) + strength * INK_DRIFT
-    background = 0.3 * strength
-    rgb = background + ink[..., None] * (colour - background)
+
+
+def render(digit: np.ndarray, look: Look) -> np.ndarray:
+    """One 8x8 digit (values 0..16) as a 32x32x3 uint8 image with the factors `look`."""
+    grey = Image.fromarray((digit / 16.0 * 255).astype(np.uint8))
+    size = round(IMAGE_SIZE * look.scale)
+    grey = grey.resize((size, size), Image.Resampling.BILINEAR)
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE))
+    offset = (IMAGE_SIZE - size) // 2
+    canvas.paste(grey, (offset, offset))  # a larger digit is cut at the border
+    canvas = canvas.rotate(
+        look.angle, resample=Image.Resampling.BILINEAR, translate=(look.dx, look.dy)
+    )
+    ink = np.asarray(canvas, np.float64) / 255.0
+    if look.thick:
+        ink = ndimage.grey_dilation(ink, size=(3, 3))
+    colour = (1 - look.ink) * np.ones(3) + look.ink * INK_DRIFT
+    rgb = look.background + ink[..., None] * (colour - look.background)
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
-def jitter_of(config: str, index: int) -> tuple[float, int, int]:
-    """The per-copy jitter of identity `index` in domain `config` (none in the pool)."""
+def describe(config: str) -> str:
     if config == "pretrain":
-        return (0.0, 0, 0)
-    rng = np.random.default_rng([PARTITION_SEED, 100 + DOMAINS.index(config), index])
-    return (float(rng.uniform(-6, 6)), int(rng.integers(-1, 2)), int(rng.integers(-1, 2)))
+        return "every nuisance factor over its whole range"
+    k = DOMAINS.index(config)
+    low, high = (max(0.0, min(1.0, 0.2 * k + edge)) for edge in DRIFT_WINDOW)
+    return f"drift strength {low:.2f}-{high:.2f}"
 
 
 class DigitsDrift(ArrayRecordBuilder):
-    """Embedded default: handwritten digits under growing drift (see the module doc)."""
+    """Embedded default: handwritten digits under gradual drift (see the module doc)."""
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "1.1.0": "Milder strongest drift (30 degrees, 0.3 background): d4 stays learnable.",
         "2.0.0": "Train/validation/test identities partitioned once; every domain draws "
         "its own jittered copies; 450 test images per domain, none seen in training.",
+        "3.0.0": "The pretraining pool varies every nuisance factor over its whole range; "
+        "domains overlap (each image's drift strength drawn from a window); 600 train "
+        "images (300 identities x 2 renderings) and 120 validation images per domain.",
     }
     BUILDER_CONFIGS = [
-        tfds.core.BuilderConfig(name=n, description=f"drift strength {drift_strength(n)}")
+        tfds.core.BuilderConfig(name=n, description=describe(n))
         for n in ("pretrain", *DOMAINS)
     ]
 
@@ -126,7 +171,7 @@ class DigitsDrift(ArrayRecordBuilder):
             supervised_keys=("image", "label"),
             metadata=tfds.core.MetadataDict(
                 domains=list(DOMAINS),
-                drift_strength=drift_strength(self.builder_config.name),
+                drift=describe(self.builder_config.name),
                 image_storage="uint8 arrays",
             ),
         )
@@ -141,8 +186,14 @@ class DigitsDrift(ArrayRecordBuilder):
             for split, chosen in draw(config, digits.target).items()
         }
 
-    def _generate_examples(self, digits, chosen: np.ndarray, config: str):
-        strength = drift_strength(config)
-        for i in chosen.tolist():
-            image = render(digits.images[i], strength, jitter_of(config, i))
-            yield i, {"image": image, "label": digits.target[i], "identity": i}
+    def _generate_examples(self, digits, chosen: list[tuple[int, int]], config: str):
+        for i, rendering in chosen:
+            image = render(digits.images[i], look_of(config, i, rendering))
+            yield (
+                f"{i}-{rendering}",
+                {
+                    "image": image,
+                    "label": digits.target[i],
+                    "identity": i,
+                },
+            )

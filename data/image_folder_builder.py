@@ -27,6 +27,16 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     def __init__(self, *, file_format=None, **kwargs):
         super().__init__(file_format=file_format or ARRAY_RECORD, **kwargs)
 
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." before a build,
+    # misleading for builders that download nothing; one line after it instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        print(
+            f"built {self.name}/{self.builder_config.name} in {self.data_dir}", flush=True
+        )
+
 
 def check_image(data: bytes) -> None:
     """Decodes `data` fully; raises on a truncated, corrupt or non-image file."""

@@ -30,27 +30,54 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, CheckpointError, InteropError, LayoutError, OutputError)
 
 
-def exit_on_help(argv: list[str], doc: str) -> None:
-    """`--help` without parsing the config (which imports JAX and the data sets): the
-    command's docstring, the configs, the override syntax and the flags; exit 0."""
-    if not HELP_FLAGS & set(argv[1:]):
-        return
-    print(doc.strip())
-    print(
-        f"""
-configs (experiments/configs/, or a path to a config file):
-  {", ".join(configs.available())}
+CONFIG_HELP = """configs (experiments/configs/, or a path to a config file):
+  {configs}
 overrides:
   --config=digits:trials=1,grasp.threshold=0.5   (key=value after a colon)
-  --config.grasp.threshold=0.5                    (one key per flag)
-flags:
+  --config.grasp.threshold=0.5                    (one key per flag)"""
+EXPERIMENT_FLAGS_HELP = """flags:
   --config=NAME[:ARGS]   the experiment (default digits)
   --workdir=DIR          output folder (default runs/<config name>)
   --distributed          join a TPU pod / SLURM job (jax.distributed.initialize)
   --coordinator=HOST:PORT --num_processes=N --process_id=I   any other cluster
   --cpu_collectives=gloo collectives between CPU-only hosts"""
-    )
+
+
+def exit_on_help(argv: list[str], doc: str, own_flags=None, *, takes_config=True) -> None:
+    """`--help` without parsing the config (which imports JAX and the data sets): the
+    command's docstring, the configs and the override syntax (`takes_config`), then the
+    experiment flags, or the flags `own_flags()` defines for a command with its own;
+    exit 0."""
+    if not HELP_FLAGS & set(argv[1:]):
+        return
+    print(doc.strip())
+    if takes_config:
+        print()
+        print(CONFIG_HELP.format(configs=", ".join(configs.available())))
+    if own_flags is None:
+        print(EXPERIMENT_FLAGS_HELP)
+        raise SystemExit(0)
+    known = set(flags.FLAGS)
+    own_flags()
+    print("flags:" if takes_config else "\nflags:")
+    if takes_config:
+        print("  --config=NAME[:ARGS]: the experiment (default digits)")
+    for name in sorted(set(flags.FLAGS) - known):
+        flag = flags.FLAGS[name]
+        default = "" if flag.default in (None, "") else f" (default {flag.default})"
+        print(f"  --{name}: {flag.help}{default}")
     raise SystemExit(0)
+
+
+def exit_on_config_error(argv: list[str], command: str) -> None:
+    """Loads `--config` and its `--config.KEY=` overrides once before absl does: a
+    mistake in them is one line naming it (and the nearest valid key), exit 1."""
+    from experiments.configs.loading import ConfigFileError, check_arguments
+
+    try:
+        check_arguments(argv[1:])
+    except ConfigFileError as err:
+        raise SystemExit(f"{command}: {err}") from None
 
 
 def define_config_flags() -> None:
@@ -66,9 +93,10 @@ def define_experiment_flags() -> None:
     distributed.define_flags()
 
 
-def run_experiment_command(command: str, work):
-    """Joins the job, reads `--config` and `--workdir`, checks the folder and runs
-    `work(config, workdir)` with one-line user errors; returns (config, workdir, result)."""
+def run_experiment_command(command: str, work, check=None):
+    """Joins the job, reads `--config` and `--workdir`, checks the config (and with
+    `check(config)` the command's own keys) and the folder and runs `work(config,
+    workdir)` with one-line user errors; returns (config, workdir, result)."""
     from experiments import methods, settings, workdir_lock  # not for compare
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
@@ -76,6 +104,8 @@ def run_experiment_command(command: str, work):
     config, workdir = config_and_workdir()
     with one_line_errors(command):
         settings.check(config, methods.REGISTRY)  # before the folder is made
+        if check is not None:
+            check(config)
         check_workdir(workdir)
         with workdir_lock.held(workdir, command):
             return config, workdir, work(config, workdir)

@@ -24,10 +24,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import cli, report
-from experiments.report import plots
-from experiments.settings import ConfigError
-from grasp_jax.models import zoo_name
+from experiments import cli
 
 SIDES = ("ours", "reference")
 METRICS = ("accuracy", "f1_score", "auroc")
@@ -36,6 +33,8 @@ METRICS = ("accuracy", "f1_score", "auroc")
 def read_runs(root: Path) -> dict[tuple, dict]:
     """(dataset, model, method, target, trial) -> metrics.json of every run under
     `root` (a `results/` folder, or the folder holding it)."""
+    from experiments.settings import ConfigError
+
     if not root.is_dir():
         raise ConfigError(f"{root} is not a folder of results; pass a results/ folder")
     if (root / "results").is_dir():
@@ -65,6 +64,8 @@ def run_key(record: dict) -> tuple:
     """(dataset, model, method variant, target, trial). The variant names what puts
     two runs of one method in different folders: GRASP's threshold, and its granularity
     and mode where they are not the reference's (tensor, hard)."""
+    from grasp_jax.models import zoo_name
+
     if not isinstance(record, dict):
         raise TypeError(f"a JSON object, not {type(record).__name__}")
     model = record.get("zoo_model") or zoo_name(record["model"])
@@ -158,13 +159,19 @@ def csv_text(rows: list[dict]) -> str:
 
 def accuracy_png(rows: list[dict], path: Path) -> None:
     """Test accuracy per target, ours beside the reference, one panel per (dataset,
-    model, method); a missing side has no bar."""
+    model, method), four panels a row; a missing side has no bar."""
+    from experiments.report import plots
+
     plt = plots.pyplot()
     panels = sorted({(r["dataset"], r["model"], r["method"]) for r in rows})
+    columns = min(4, len(panels))
+    lines = -(-len(panels) // columns)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False
+        lines, columns, figsize=(4.5 * columns, 3.4 * lines), squeeze=False
     )
-    for ax, panel in zip(axes[0], panels, strict=True):
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
         group = [r for r in rows if (r["dataset"], r["model"], r["method"]) == panel]
         x = np.arange(len(group))
         for offset, side in ((-0.2, "ours"), (0.2, "reference")):
@@ -172,16 +179,17 @@ def accuracy_png(rows: list[dict], path: Path) -> None:
             present = [i for i, m in enumerate(means) if m is not None]
             ax.bar(
                 x[present] + offset,
-                [means[i] for i in present],
+                [100 * means[i] for i in present],
                 0.4,
-                yerr=[group[i][f"{side}_accuracy_std"] for i in present],
+                yerr=[100 * group[i][f"{side}_accuracy_std"] for i in present],
                 label=side,
                 capsize=3,
             )
         ax.set_xticks(x, [r["target"] for r in group], rotation=30, fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 100)
         ax.set_title(" / ".join(panel), fontsize=9)
-    axes[0][0].set_ylabel("test accuracy")
+    for row in axes:
+        row[0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=8)
     plots.save_figure(fig, path)
 
@@ -196,6 +204,9 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    from experiments import report
+    from experiments.settings import ConfigError
+
     given = flags.FLAGS
     with cli.one_line_errors("experiments.compare"):
         if not given.reference or not given.ours:
@@ -211,5 +222,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.exit_on_help(sys.argv, __doc__, define_flags, takes_config=False)
     define_flags()
     app.run(main)

@@ -91,6 +91,15 @@ class Context:
             for s in ("validation", "test")
         )
 
+    def predict_final(self, variables) -> tuple[dict, dict]:
+        """`predict` for the run's one final model (of the zoo model), which
+        `config.save_models` keeps in the run folder."""
+        if self.config.save_models:
+            from experiments import final_model
+
+            final_model.save_run_model(self.config, self.out_dir, variables)
+        return self.predict(variables)
+
     def fit(
         self,
         variables,

@@ -5,10 +5,10 @@
 
 PATH: the reference's Lightning `.ckpt`, a `.pth`/`.bin`/safetensors file or HF folder
 (read with `weights_only=True` or safetensors), one of our checkpoint folders (a source,
-imported weights), or one of our run folders holding a `checkpoints/*_final.ckpt`
-(`config.save_final`). Writes the reference's metric keys (`val_metrics`,
-`test_metrics`: accuracy, weighted precision/recall/F1/AUROC, confusion matrix) and
-prints the accuracies. `--bin` defaults to the config's first target.
+imported weights), or one of our run folders: its `model/` (`config.save_models`) or
+its `checkpoints/*_final.ckpt` (`config.save_final`). Writes the reference's metric
+keys (`val_metrics`, `test_metrics`: accuracy, weighted precision/recall/F1/AUROC,
+confusion matrix) and prints the accuracies. `--bin` defaults to the config's first target.
 """
 
 from __future__ import annotations
@@ -17,20 +17,22 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli, report, settings
-from experiments import sources as src
+from experiments import cli
 from experiments.configs import CONFIG_DIR, expand_config_argument
-from grasp_jax import checkpoints, evaluation, interop, metrics, models
 
 
 def define_flags() -> None:
     """The command's flags (defined when it runs: `config`, `workdir` and `out` are the
     other commands' names too)."""
     config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "digits.py"))
+    define_own_flags()
+
+
+def define_own_flags() -> None:
+    """The flags beside `--config` (defining these imports nothing: --help uses them)."""
     flags.DEFINE_string("checkpoint", None, "What to evaluate (see above).")
     flags.DEFINE_string("bin", None, "The bin whose splits to evaluate on.")
     flags.DEFINE_string("out", None, "JSON file to write (default: print only).")
@@ -39,16 +41,23 @@ def define_flags() -> None:
 
 def load_variables(config, path: Path) -> dict:
     """The variables in `path`, shaped for `config.model` with its number of classes."""
+    from experiments import final_model, settings
+    from experiments import sources as src
+    from grasp_jax import checkpoints, interop
+
     if not path.exists():
         raise settings.ConfigError(f"--checkpoint={path} does not exist")
     if checkpoints.is_complete(path):
         return checkpoints.restore_variables(path, src.model_and_abstract(config)[1])
     if path.is_dir() and (path / "metrics.json").is_file():  # a run: its final model
+        kept = path / final_model.MODEL_FOLDER
+        if checkpoints.is_complete(kept):
+            return checkpoints.restore_variables(kept, src.model_and_abstract(config)[1])
         finals = sorted((path / "checkpoints").glob("*_final.ckpt"))
         if not finals:
             raise settings.ConfigError(
-                f"{path} is a run folder without checkpoints/*_final.ckpt; rerun it "
-                "with --config.save_final=True, or pass a checkpoint file"
+                f"{path} is a run folder without its model; rerun it in a new workdir "
+                "with --config.save_models=True, or pass a checkpoint file"
             )
         path = finals[0]
     return interop.import_torch(config.model, path)  # a file or an HF model folder
@@ -56,6 +65,10 @@ def load_variables(config, path: Path) -> dict:
 
 def evaluate_checkpoint(config, path: Path, bin_name: str, workdir: Path) -> dict:
     """The reference's result keys for `path` on `bin_name`'s validation and test."""
+    from experiments import settings
+    from experiments import sources as src
+    from grasp_jax import evaluation, metrics, models
+
     model, _ = src.model_and_abstract(config)
     variables = load_variables(config, path)
     splits = src.load_splits(config, workdir, bin_name)
@@ -75,6 +88,10 @@ def evaluate_checkpoint(config, path: Path, bin_name: str, workdir: Path) -> dic
 
 def main(argv: list[str]) -> None:
     del argv
+    import jax  # after the flags: --help stays fast
+
+    from experiments import report, settings
+
     logging.set_verbosity(logging.WARNING)
     given = flags.FLAGS
     config = given.config
@@ -98,5 +115,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    cli.exit_on_help(sys.argv, __doc__, define_own_flags)
+    cli.exit_on_config_error(sys.argv, "experiments.evaluate")
     define_flags()
     app.run(main, argv=expand_config_argument(sys.argv))

@@ -1,6 +1,8 @@
-"""GRASP's final model saved where the reference saves it: its raw PyTorch state dict in
-`checkpoints/<run folder without _trial<k>>_final.ckpt` beside the run folder
-(`torch.load(path, weights_only=True)` reads it)."""
+"""A run's final model, kept: with `config.save_models` every single-model method's as our
+Orbax checkpoint in `<run folder>/model/` (and `model.safetensors` in the PyTorch layout
+with `config.save_models_safetensors`); with `config.save_final` GRASP's where the
+reference saves it, its raw PyTorch state dict in `checkpoints/<run folder without
+_trial<k>>_final.ckpt` (`torch.load(path, weights_only=True)` reads it)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from grasp_jax import files, interop
+from grasp_jax import checkpoints, files, interop
+
+MODEL_FOLDER = "model"
 
 
 def path_of(out_dir: Path) -> Path:
@@ -27,4 +31,19 @@ def save_pytorch(config, out_dir: Path, variables) -> Path:
     }
     if jax.process_index() == 0:
         files.write_atomic(path, lambda tmp: torch.save(state, tmp))
+    return path
+
+
+def save_run_model(config, out_dir: Path, variables) -> Path:
+    """`variables` as `<out_dir>/model/` (Orbax; `experiments.evaluate` reads it), and
+    as `<out_dir>/model.safetensors` if asked."""
+    metadata = {
+        "model": config.model,
+        "num_classes": config.num_classes,
+        "model_overrides": config.model_overrides.to_dict(),
+        "run": out_dir.name,
+    }
+    path = checkpoints.save_variables(out_dir / MODEL_FOLDER, variables, metadata)
+    if config.save_models_safetensors and jax.process_index() == 0:
+        interop.save_safetensors(out_dir / "model.safetensors", config.model, variables)
     return path

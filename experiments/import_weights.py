@@ -12,6 +12,7 @@ data set's); otherwise it is kept, and a head of another size is an error.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
@@ -81,5 +82,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.exit_on_help(sys.argv, __doc__, define_flags, takes_config=False)
     define_flags()
     app.run(main)

@@ -3,13 +3,15 @@
 Flags and config in, `runner.run_experiment` out: sources, every method of
 `config.methods` on every target and trial, results and summary under
 `<workdir>/results/<dataset>/`. Takes the multi-host flags of `experiments.distributed`.
+`--list` prints the configs and the methods with their hyperparameters; `--dry_run`
+prints the resolved config and the runs it would do, and trains nothing.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app
+from absl import app, flags, logging
 
 from experiments import cli
 from experiments.configs import expand_config_argument
@@ -17,6 +19,12 @@ from experiments.configs import expand_config_argument
 
 def main(argv: list[str]) -> None:
     del argv
+    if flags.FLAGS.list:
+        print(listing(flags.FLAGS.config))
+        return
+    if flags.FLAGS.dry_run:
+        print(dry_run(flags.FLAGS.config))
+        return
     from experiments import report, runner  # after the flags: --help stays fast
 
     config, workdir, summary = cli.run_experiment_command(
@@ -27,7 +35,46 @@ def main(argv: list[str]) -> None:
     print(f"results in {workdir / 'results' / config.dataset}; {summary['seconds']:.0f} s")
 
 
+def listing(config) -> str:
+    """The configs, and every method with its one-line description and the
+    hyperparameters it reads (their values under `config`)."""
+    from experiments import methods
+    from experiments.configs import available
+
+    lines = [f"configs: {', '.join(available())} (--config=NAME[:key=value,...])", ""]
+    lines.append(f"methods (config.methods=a+b, or all; values under {config.name}):")
+    for name, method in methods.REGISTRY.items():
+        alias = f" (the name earlier results used for {method.alias_of})"
+        lines.append(f"  {name}: {method.description}{alias if method.alias_of else ''}")
+        for key, value in method.hyperparameters(config).items():
+            lines.append(f"      {key} = {value}")
+    return "\n".join(lines)
+
+
+def dry_run(config) -> str:
+    """The resolved config and the runs `main` would do in `--workdir`, checked as a
+    real run checks them; nothing is trained or written."""
+    from experiments import methods, runner, settings
+
+    logging.set_verbosity(logging.WARNING)  # JAX's backend search logs at INFO
+    config, workdir = cli.config_and_workdir()
+    with cli.one_line_errors("experiments.main"):
+        targets = settings.check(config, methods.REGISTRY)
+    runs = runner.plan(config, workdir, targets)
+    lines = [config.to_json_best_effort(indent=2, sort_keys=True), ""]
+    lines += [
+        f"{target} trial {trial}: {name}{' (finished earlier)' if finished else ''}"
+        for target, trial, name, finished in runs
+    ]
+    done = sum(finished for *_, finished in runs)
+    lines.append(f"{len(runs)} runs ({done} finished) in {workdir}; nothing was run")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     cli.exit_on_help(sys.argv, __doc__)
+    cli.exit_on_config_error(sys.argv, "experiments.main")
     cli.define_experiment_flags()
+    flags.DEFINE_bool("list", False, "Print configs and methods with their keys; exit.")
+    flags.DEFINE_bool("dry_run", False, "Print the resolved config and the runs; exit.")
     app.run(main, argv=expand_config_argument(sys.argv))

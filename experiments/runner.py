@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from experiments import (
     console,
+    data_checks,
     machine,
     methods,
     reference_format,
@@ -34,8 +35,8 @@ from experiments import (
 from experiments import sources as src
 from experiments.context import Context, Method
 from experiments.flops_report import StepCosts
+from experiments.report import tensorboard
 from grasp_jax import flops, memory, models
-from grasp_jax import input_pipeline as ip
 
 
 def run_name(config, target: str, method: str, trial: int) -> str:
@@ -96,14 +97,17 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
     """Every run of the config (finished ones reused); returns their records."""
     progress = console.on_terminal() if progress is None else progress
     targets = settings.check(config, methods.REGISTRY)
-    if methods.ALIGNING & set(methods.selected(config)):
-        check_alignment_batches(config, workdir, targets)
+    aligning = bool(methods.ALIGNING & set(methods.selected(config)))
+    data_checks.check(config, workdir, targets, aligning=aligning)
     src.train_sources(config, workdir)
     results_dir = workdir / "results" / config.dataset
     title = f"{config.dataset} / {config.model}"
     if not source_matrix.is_current(config, workdir, results_dir):
         matrix = source_matrix.compute(config, workdir, progress=progress)
         report.write_source_matrix(results_dir, matrix, title)
+    runs = plan(config, workdir, targets)
+    done = sum(finished for *_, finished in runs)
+    console.event(f"plan: {len(runs)} runs, {done} finished earlier (reused)")
     costs = step_costs(config)
     results = []
     for target in targets:
@@ -128,17 +132,18 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
     return results
 
 
-def check_alignment_batches(config, workdir: Path, targets: list[str]) -> None:
-    """GRASP's alignment batches come from a target's train split in full batches: ask
-    for no more than the smallest target holds (1000 with 7 there used 7, recorded 1000)."""
-    wanted, batch = config.grasp.num_alignment_batches, config.pipeline.batch_size
-    for target in targets:
-        held = ip.steps_per_epoch(src.load_splits(config, workdir, target)["train"], batch)
-        if wanted > held:
-            raise settings.ConfigError(
-                f"grasp.num_alignment_batches={wanted}: target {target}'s train split "
-                f"holds {held} full batches of {batch}; use at most {held}"
-            )
+def plan(config, workdir: Path, targets: list[str]) -> list[tuple[str, int, str, bool]]:
+    """(target, trial, method, finished) of every run the config asks for, in the order
+    they run; targets without sources (sources=past) have none."""
+    results_dir = workdir / "results" / config.dataset
+    return [
+        (target, trial, name, (results_dir / folder / "metrics.json").exists())
+        for target in targets
+        if settings.source_bins(config, target)
+        for trial in range(1, config.trials + 1)
+        for name in methods.selected(config)
+        for folder in [run_name(config, target, name, trial)]
+    ]
 
 
 def run_dependencies(config, method: Method, target: str, trial: int) -> dict:
@@ -232,7 +237,14 @@ def run_one(
     record["memory"]["host_peak_scope"] = "this run" if per_run else "this process so far"
     record["settings"] = run_dependencies(ctx.config, method, ctx.target, trial)
     title = f"{method.name} on {ctx.target}"
-    report.write_run(out_dir, record, profile, class_names, title)
+    resolved = ctx.config.to_dict() | {
+        "run": {"method": method.name, "target": ctx.target, "trial": trial}
+        | {"seed": ctx.seed, "sources": list(ctx.source_bins)}
+    }
+    report.write_run(out_dir, record, profile, class_names, title, resolved)
+    if jax.process_index() == 0:
+        label = method.name + method.folder_suffix(ctx.config)
+        tensorboard.log_run(ctx.workdir / "tensorboard", record, label)
     record["method_label"] = method.name
     accuracy = record["test_metrics"]["accuracy"]
     console.event(f"{out_dir.name}: test accuracy {100 * accuracy:.1f} % ({seconds:.0f} s)")

@@ -75,6 +75,13 @@ def check(config: ml_collections.ConfigDict, registry=None) -> list[str]:
         raise ConfigError(f"config.trials={config.trials}; run at least one trial")
     if config.save_final:
         _check_save_final(config)
+    if config.save_models_safetensors and config.model not in interop.LAYOUTS:
+        raise ConfigError(
+            f"config.save_models_safetensors: {config.model} has no PyTorch layout (only "
+            f"{sorted(interop.LAYOUTS)}); keep its Orbax checkpoint (save_models=True)"
+        )
+    if config.save_models_safetensors and not config.save_models:
+        raise ConfigError("config.save_models_safetensors needs save_models=True")
     _check_mesh(config)
     _check_training(config)
     if registry is not None:
@@ -177,16 +184,6 @@ def _check_save_final(config) -> None:
             "config.save_final writes a PyTorch checkpoint: install the torch extra "
             "(pip install -e '.[torch]') or set save_final=False"
         ) from None
-
-
-def check_label_count(config: ml_collections.ConfigDict, count: int) -> None:
-    """`config.num_classes` must be the data set's: a 5-class head on 10-label data
-    trains to NaN and was once saved as a source."""
-    if config.num_classes != count:
-        raise ConfigError(
-            f"config.num_classes={config.num_classes}, but {config.dataset} has {count} "
-            f"classes; set num_classes={count}"
-        )
 
 
 def model_dependencies(config: ml_collections.ConfigDict) -> dict:

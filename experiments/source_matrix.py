@@ -30,12 +30,14 @@ def compute(config, workdir: Path, *, progress: bool = True) -> dict:
     pipeline = settings.pipeline(config)
     splits = [sources.load_splits(config, workdir, b) for b in config.bins]
 
-    def cell(variables, split) -> tuple[float, float]:
+    def cell(variables, split, keep: list | None = None) -> tuple[float, float]:
         out = evaluation.predict(model, variables, split["test"], pipeline)
+        if keep is not None:
+            keep.append(out)
         return out["accuracy"], largest_class_share(out["logits"])
 
-    def row(variables) -> list[tuple[float, float]]:
-        return [cell(variables, split) for split in splits]
+    def row(variables, keep: list | None = None) -> list[tuple[float, float]]:
+        return [cell(variables, split, keep) for split in splits]
 
     def recalibrated_row(variables) -> list[tuple[float, float]]:
         return [
@@ -45,9 +47,11 @@ def compute(config, workdir: Path, *, progress: bool = True) -> dict:
 
     start = sources.initial_variables(config, workdir, writer=None)
     plain, recalibrated = [row(start)], [recalibrated_row(start)]
+    outputs: list[list[dict]] = []  # per source, per bin: logits and labels
     for bin_name in tqdm(config.bins, desc="source matrix", disable=not progress):
         variables = sources.restore_source(config, workdir, bin_name, abstract)
-        plain.append(row(variables))
+        outputs.append([])
+        plain.append(row(variables, outputs[-1]))
         recalibrated.append(recalibrated_row(variables))
     matrix = {
         "rows": ["pretrained", *config.bins],
@@ -59,6 +63,7 @@ def compute(config, workdir: Path, *, progress: bool = True) -> dict:
             "largest_class_share": [[s for _, s in r] for r in recalibrated],
             "how": "BatchNorm statistics re-estimated on the column's train split",
         },
+        "other_sources_soft_ensemble": other_sources_soft_ensemble(outputs),
         "inputs": inputs(config, workdir),
     }
     if config.init == "pretrain":
@@ -85,7 +90,30 @@ def is_current(config, workdir: Path, results_dir: Path) -> bool:
     path = results_dir / "source_matrix.json"
     if not path.exists():
         return False
-    return json.loads(path.read_text()).get("inputs") == inputs(config, workdir)
+    saved = json.loads(path.read_text())
+    return "other_sources_soft_ensemble" in saved and saved.get("inputs") == inputs(
+        config, workdir
+    )
+
+
+def other_sources_soft_ensemble(outputs: list[list[dict]]) -> list[float]:
+    """Per bin: the accuracy of the mean softmax of every source but the bin's own (the
+    K-1 models a target has to transfer from), on the bin's test split."""
+    accuracies = []
+    for j in range(len(outputs)):
+        others = [outputs[i][j]["logits"] for i in range(len(outputs)) if i != j]
+        if not others:
+            accuracies.append(float("nan"))
+            continue
+        probabilities = np.mean([_softmax(np.asarray(x, np.float64)) for x in others], 0)
+        labels = np.asarray(outputs[j][j]["labels"])
+        accuracies.append(float(np.mean(probabilities.argmax(axis=1) == labels)))
+    return accuracies
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def largest_class_share(logits) -> float:

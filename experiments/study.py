@@ -1,13 +1,14 @@
 """The study of what alignment adds: `python -m experiments.study [--config=digits]`.
 
-Runs GRASP on every target and trial of the config (paired seeds) at thresholds -1
-(every tensor moves), 0, 0.1, 0.3, 0.5, 0.7 and 1.01 (nothing moves: staged
-fine-tuning), at granularities tensor, channel and element, hard and soft; and the
-control `grasp_random` (each merge moves as many units as GRASP's rule would, chosen at
-random) at every threshold that moves a strict subset. Writes
-`results/<dataset>/study.{json,md,png}`: per variant the test accuracy (mean and 95 %
-Student t interval over runs), the mean share of parameters moved per merge, and the
-paired difference to staged fine-tuning. Finished runs are reused, so it resumes.
+Runs GRASP on every target and trial of the config (paired seeds) over the grid of
+`config.study`: by default thresholds -1 (every tensor moves), 0, 0.1, 0.3, 0.5, 0.7 and
+1.01 (nothing moves: staged fine-tuning), granularities tensor, channel and element, hard
+and soft; and the control `grasp_random` (each merge moves as many units as GRASP's rule
+would, chosen at random) at every threshold that moves a strict subset. A smaller study:
+`--config=digits:study.thresholds=0.3+1.01,study.granularities=tensor,study.modes=hard`.
+Writes `results/<dataset>/study.{json,md,png}`: per variant the test accuracy (mean and
+95 % Student t interval over runs), the mean share of parameters moved per merge, and
+the paired difference to staged fine-tuning. Finished runs are reused, so it resumes.
 Takes `--config` overrides and the multi-host flags like `main`.
 """
 
@@ -16,40 +17,66 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 from absl import app
 
-from experiments import cli, console, report, runner
+from experiments import cli
 from experiments.configs import expand_config_argument
-from grasp_jax.alignment import GRANULARITIES
-from grasp_jax.grasp import NOTHING_MOVES
-from grasp_jax.transfer import MODES
 
-THRESHOLDS = (-1.0, 0.0, 0.1, 0.3, 0.5, 0.7, NOTHING_MOVES)
-STAGED = (
-    "grasp",
-    NOTHING_MOVES,
-    "tensor",
-    "hard",
-)  # nothing moves: the baseline of the study
+# Nothing moves (grasp_jax.grasp.NOTHING_MOVES; a test keeps them equal): the baseline.
+STAGED = ("grasp", 1.01, "tensor", "hard")
 
 
-def variants() -> list[tuple[str, float, str, str]]:
-    """(method, threshold, granularity, mode) of every run family of the study."""
-    grid = [("grasp", t, g, m) for g in GRANULARITIES for m in MODES for t in THRESHOLDS]
+def variants(study) -> list[tuple[str, float, str, str]]:
+    """(method, threshold, granularity, mode) of every run family of `config.study`,
+    staged fine-tuning first."""
+    grid = [STAGED]
     grid += [
-        ("grasp_random", t, g, "hard")
-        for g in GRANULARITIES
-        for t in THRESHOLDS
-        if -1.0 < t <= 1.0
+        ("grasp", float(t), g, m)
+        for g in study.granularities
+        for m in study.modes
+        for t in study.thresholds
     ]
-    return grid
+    if study.controls:
+        grid += [
+            ("grasp_random", float(t), g, "hard")
+            for g in study.granularities
+            for t in study.thresholds
+            if -1.0 < t <= 1.0
+        ]
+    return list(dict.fromkeys(grid))
+
+
+def check(config) -> None:
+    """One line naming the `config.study` key that cannot work."""
+    from experiments.settings import ConfigError
+    from grasp_jax.alignment import GRANULARITIES
+    from grasp_jax.grasp import NOTHING_MOVES
+    from grasp_jax.transfer import MODES
+
+    study = config.study
+    for key, allowed in (("granularities", GRANULARITIES), ("modes", MODES)):
+        unknown = [v for v in study[key] if v not in allowed]
+        if unknown or not study[key]:
+            raise ConfigError(
+                f"study.{key}={'+'.join(study[key])}: choose from {'+'.join(allowed)}"
+            )
+    bad = [t for t in study.thresholds if not -1.0 <= float(t) <= NOTHING_MOVES]
+    if bad or not study.thresholds:
+        raise ConfigError(
+            f"study.thresholds: {bad or 'empty'}; cosine thresholds lie in "
+            f"[-1, {NOTHING_MOVES}] ({NOTHING_MOVES}: nothing moves)"
+        )
 
 
 def run_study(config, workdir: Path, *, progress: bool = True) -> dict:
     """Every variant's runs (into the experiment's results folder), then the table."""
+    import numpy as np
+
+    from experiments import console, report, runner
+
+    check(config)
     records = {}
-    grid = variants()
+    grid = variants(config.study)
     for index, variant in enumerate(grid, start=1):
         method, threshold, granularity, mode = variant
         console.event(
@@ -92,11 +119,17 @@ def run_study(config, workdir: Path, *, progress: bool = True) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    config, workdir, study = cli.run_experiment_command("experiments.study", run_study)
+    from experiments import report
+
+    config, workdir, study = cli.run_experiment_command(
+        "experiments.study", run_study, check
+    )
     print(report.study_markdown(study, f"{config.dataset} / {config.model}"))
     print(f"results in {workdir / 'results' / config.dataset}/study.{{json,md,png}}")
 
 
 if __name__ == "__main__":
+    cli.exit_on_help(sys.argv, __doc__)
+    cli.exit_on_config_error(sys.argv, "experiments.study")
     cli.define_experiment_flags()
     app.run(main, argv=expand_config_argument(sys.argv))

@@ -18,10 +18,11 @@ from experiments.configs import expand_config_argument
 
 
 def checked_train_sources(config, workdir):
-    """`sources.train_sources` after checking the config."""
-    from experiments import settings, sources
+    """`sources.train_sources` after checking the config and the data set."""
+    from experiments import data_checks, settings, sources
 
-    settings.check(config)
+    targets = settings.check(config)
+    data_checks.check(config, workdir, targets, aligning=False)
     return sources.train_sources(config, workdir)
 
 

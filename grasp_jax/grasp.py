@@ -30,6 +30,7 @@ import numpy as np
 from grasp_jax import evaluation, loop, memory, objective, recipe, seeding
 from grasp_jax import input_pipeline as ip
 from grasp_jax.alignment import GRANULARITIES
+from grasp_jax.arguments import NOTHING_MOVES
 from grasp_jax.stage import RULES, grasp_stage
 from grasp_jax.transfer import MODES
 from grasp_jax.tree_checks import PyTree, leaves_with_paths
@@ -37,8 +38,7 @@ from grasp_jax.tree_checks import PyTree, leaves_with_paths
 Variables = dict[str, Any]
 SourceLoader = Callable[[], Variables]  # restores one source's variables when called
 ALIGNMENT_MODES = ("train", "eval")
-# A threshold above any cosine: nothing moves (GRASP reduced to staged fine-tuning).
-NOTHING_MOVES = 1.01
+# NOTHING_MOVES (1.01, from grasp_jax.arguments): GRASP reduced to staged fine-tuning.
 
 
 @dataclasses.dataclass(frozen=True)

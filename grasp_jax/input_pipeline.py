@@ -24,6 +24,8 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from grasp_jax import presized
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -136,18 +138,27 @@ def dataset(
     """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    ds = grain.MapDataset.source(split)
+    # Images already at the crop size need no host transform: shuffle and shard row
+    # numbers alone, then gather the rows from memory (`presized`).
+    held = None
+    if config.crop_size == config.resize_size:
+        held = presized.arrays(split, config.crop_size)
+    ds = grain.MapDataset.source(split if held is None else range(len(split)))
     if train:
         ds = ds.shuffle(seed=hash_seed(seed, epoch, 0))
-        ds = ds.random_map(
-            lambda ex, rng: host_transform(ex, config, rng), seed=hash_seed(seed, epoch, 1)
-        )
-    else:
+        if held is None:
+            ds = ds.random_map(
+                lambda ex, rng: host_transform(ex, config, rng),
+                seed=hash_seed(seed, epoch, 1),
+            )
+    elif held is None:
         ds = ds.map(lambda ex: host_transform(ex, config, None))
     local = local_batch_size(config.batch_size, shard_count)
     if shard_count > 1:
         rows = _BatchRows(ds, shard_index, shard_count, local, partial=not train)
         ds = grain.MapDataset.source(rows)
+    if held is not None:
+        return grain.MapDataset.source(presized.Batches(held, ds, local, train))
     return ds.batch(local, drop_remainder=train)
 
 

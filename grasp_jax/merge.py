@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from grasp_jax.alignment import Granularity, alignment_scores_impl, movable_scores
+from grasp_jax.arguments import check_merge_arguments, checked
 from grasp_jax.transfer import Mode, TransferResult, check_pair, transfer_impl
 from grasp_jax.tree_checks import PyTree, check_same_structure
 
@@ -47,6 +48,7 @@ def _stats(scores: PyTree, result: TransferResult) -> MergeStats:
     return MergeStats(scores, result.weights, result.taken, result.fraction, nonfinite)
 
 
+@checked(check_merge_arguments)
 @functools.partial(
     jax.jit, static_argnames=("granularity", "mode"), donate_argnames=("current",)
 )
@@ -82,6 +84,7 @@ def merge_step(
     return result.params, _stats(scores, result)
 
 
+@checked(check_merge_arguments)
 @functools.partial(jax.jit, static_argnames=("granularity",), donate_argnames=("current",))
 def random_merge_step(
     current: PyTree,

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from grasp_jax.arguments import check_merge_arguments, checked
 from grasp_jax.merge import MergeStats, merge_step, random_merge_step
 from grasp_jax.tree_checks import PyTree
 
@@ -54,6 +55,7 @@ def scanned_gradients(
     return total, state
 
 
+@checked(check_merge_arguments)
 @functools.partial(
     jax.jit,
     static_argnames=(

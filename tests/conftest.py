@@ -1,8 +1,20 @@
-"""Shared fixtures: hypothesis profiles and a counter of XLA compilations."""
+"""Shared fixtures: hypothesis profiles, a persistent compilation cache and a counter of
+XLA compilations."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+# Tests rebuild the same programs many times (fresh closures, child processes, the same
+# model in many files); XLA's persistent cache compiles each once. Set through the
+# environment, before JAX is imported, so that the child processes tests start share it.
+# A cached program is the same executable, so results do not change.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -21,17 +33,24 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 _COMPILES = [0]
 
 
-def _on_event(name: str, _duration: float, **_kwargs) -> None:
+def _on_compile(name: str, _duration: float, **_kwargs) -> None:
     if name == "/jax/core/compile/backend_compile_duration":
         _COMPILES[0] += 1
 
 
-monitoring.register_event_duration_secs_listener(_on_event)
+def _on_cache_hit(name: str, **_kwargs) -> None:
+    if name == "/jax/compilation_cache/cache_hits":  # a compilation read from the cache
+        _COMPILES[0] += 1
+
+
+monitoring.register_event_duration_secs_listener(_on_compile)
+monitoring.register_event_listener(_on_cache_hit)
 
 
 @pytest.fixture
 def compile_count():
-    """A callable returning how many XLA backend compilations happened so far."""
+    """A callable returning how many programs were compiled (or read from the
+    persistent cache) so far."""
     return lambda: _COMPILES[0]
 
 

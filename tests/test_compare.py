@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from experiments import compare
+from experiments.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +134,7 @@ def test_the_command_writes_markdown_csv_and_png_without_torch(trees, tmp_path):
 
 
 def test_a_folder_without_runs_is_one_clear_error(tmp_path):
-    with pytest.raises(compare.ConfigError, match=r"no <dataset>/<run>/metrics\.json"):
+    with pytest.raises(ConfigError, match=r"no <dataset>/<run>/metrics\.json"):
         compare.read_runs(tmp_path)
 
 
@@ -152,7 +153,7 @@ def test_grasp_variants_are_rows_of_their_own_and_collisions_are_named(tmp_path,
         "grasp (threshold 0.3, channel soft)",
     ]
     write_run(root, "copy_of_the_hard_run", hard)
-    with pytest.raises(compare.ConfigError, match=r"copy_of_the_hard_run and .* same run"):
+    with pytest.raises(ConfigError, match=r"copy_of_the_hard_run and .* same run"):
         compare.read_runs(root)
     (root / "results/clear10/copy_of_the_hard_run/metrics.json").unlink()
     nan = our_record("year_3-4", 1, float("nan"), 0.5)

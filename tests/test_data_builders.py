@@ -34,7 +34,7 @@ def make_bin(root: Path, bin_name: str, classes, *, split: bool, per_class: int 
             seed += 1
 
 
-GOLDEN_SPLIT_HASH = "bd05486dc491f9e1"  # digits_drift 2.0.0
+GOLDEN_SPLIT_HASH = "ed5bdce5bd1270ab"  # digits_drift 3.0.0
 
 
 def read(name: str, data_dir: Path) -> dict:
@@ -225,7 +225,14 @@ def test_digits_drift_test_digits_are_never_trained_on(digits_dir):
     for config in data.digits_drift.DOMAINS:
         assert len(ids[config]["test"]) == 450  # >= 300 per domain
         assert ids[config]["test"] == pool["test"]
-        assert (len(ids[config]["train"]), len(ids[config]["validation"])) == (250, 60)
+        assert (len(ids[config]["train"]), len(ids[config]["validation"])) == (300, 120)
+        train = read(f"digits_drift/{config}", digits_dir)["train"]
+        assert len(train) == 600  # two renderings of each train identity, different
+        by_identity = {}
+        for ex in train:
+            by_identity.setdefault(int(ex["identity"]), []).append(ex["image"])
+        assert {len(v) for v in by_identity.values()} == {2}
+        assert all(np.any(a != b) for a, b in by_identity.values())
     assert not seen & pool["test"]
     example = read("digits_drift/d0", digits_dir)["train"][0]
     assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.uint8
@@ -255,6 +262,27 @@ def test_digits_drift_copies_differ_between_domains(digits_dir):
     for i in range(len(images)):
         for j in range(i + 1, len(images)):
             assert np.abs(images[i] - images[j]).mean() > 1
+
+
+def test_digits_drift_pool_spans_what_the_domains_drift_through():
+    """Each domain's ink, background and rotation lie in a window overlapping its
+    neighbours'; the pool draws every factor over the union of those ranges."""
+    dd = data.digits_drift
+    looks = {
+        c: [dd.look_of(c, i, r) for i in range(300) for r in range(2)]
+        for c in ("pretrain", *dd.DOMAINS)
+    }
+    ink = {c: (min(x.ink for x in v), max(x.ink for x in v)) for c, v in looks.items()}
+    for a, b in zip(dd.DOMAINS, dd.DOMAINS[1:], strict=False):
+        assert ink[a][0] < ink[b][0] < ink[a][1] < ink[b][1]  # overlapping, moving on
+    assert ink["pretrain"][0] < 0.01 and ink["pretrain"][1] > 0.99
+    for factor in ("angle", "background"):
+        pool = [getattr(x, factor) for x in looks["pretrain"]]
+        drifted = [getattr(x, factor) for c in dd.DOMAINS for x in looks[c]]
+        assert min(pool) <= min(drifted) + 1 and max(pool) >= max(drifted) - 1
+    # in the pool a rendering's factors do not move together as drift does
+    pool = np.array([[x.ink, x.background, x.angle] for x in looks["pretrain"]])
+    assert np.all(np.abs(np.corrcoef(pool.T)[np.triu_indices(3, 1)]) < 0.15)
 
 
 def test_digits_drift_is_real_drift(digits_dir):
@@ -359,3 +387,11 @@ def test_the_build_command_builds_the_named_configs(tmp_path):
     assert "digits_drift/d0:" in done.stdout
     built = [p.name for p in (tmp_path / "digits_drift").iterdir() if p.name[0] != "."]
     assert built == ["d0"]  # only the named config
+
+
+def test_a_build_says_one_line_and_no_download(tmp_path, capfd):
+    """TFDS's "Downloading and preparing dataset Unknown size" is wrong for builders
+    that download nothing: one line per built config instead."""
+    build("digits_drift", data_dir=tmp_path, configs=["d0"])
+    out = capfd.readouterr().out
+    assert out == f"built digits_drift/d0 in {tmp_path}/digits_drift/d0/3.0.0\n"

@@ -3,6 +3,7 @@ same predictions as the PyTorch model makes on the same preprocessed images."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import evaluate, settings
+from experiments import evaluate, settings, sources
 from experiments.configs import digits
+from grasp_jax import evaluation, torch_models
 from grasp_jax import input_pipeline as ip
-from grasp_jax import torch_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_predictions_equal_the_pytorch_models(digits_dir, tmp_path, lightning):
     config = mobilevit_config(digits_dir)
     settings.check(config)
     result = evaluate.evaluate_checkpoint(config, path, "d1", tmp_path)
-    test = evaluate.src.load_splits(config, tmp_path, "d1")["test"]
+    test = sources.load_splits(config, tmp_path, "d1")["test"]
     pipeline = settings.pipeline(config)
     torch_logits, labels = [], []
     for batch in ip.dataset(test, pipeline, train=False):
@@ -53,8 +54,8 @@ def test_predictions_equal_the_pytorch_models(digits_dir, tmp_path, lightning):
             torch_logits.append(model(torch.from_numpy(images)).logits.numpy())
         labels.append(batch["label"])
     torch_logits, labels = np.concatenate(torch_logits), np.concatenate(labels)
-    ours = evaluate.evaluation.predict(
-        evaluate.src.model_and_abstract(config)[0],
+    ours = evaluation.predict(
+        sources.model_and_abstract(config)[0],
         evaluate.load_variables(config, path),
         test,
         pipeline,
@@ -129,3 +130,24 @@ def test_save_final_writes_the_reference_state_dict_that_evaluate_reads(tmp_path
     config.pipeline.crop_size = 64
     restored = evaluate.load_variables(config, run)
     jax.tree.map(np.testing.assert_array_equal, restored, variables)
+
+
+def test_save_models_keeps_each_runs_model_and_evaluate_reads_it(digits_dir, tmp_path):
+    """With save_models a run folder holds its final model: evaluated again from disk
+    it gives the test accuracy the run recorded; methods without one model save none."""
+    from experiments import runner
+    from tests.pinned_experiment import small_config
+
+    config = small_config(digits_dir, targets="d2", trials=1)
+    config.methods = ("finetune", "ensemble")
+    config.save_models = True
+    runner.run_experiment(config, tmp_path, progress=False)
+    results = tmp_path / "results" / "digits_drift"
+    run = results / runner.run_name(config, "d2", "finetune", 1)
+    recorded = json.loads((run / "metrics.json").read_text())["test_metrics"]["accuracy"]
+    again = evaluate.evaluate_checkpoint(config, run, "d2", tmp_path)
+    assert again["test_metrics"]["accuracy"] == recorded
+    assert not (results / runner.run_name(config, "d2", "ensemble", 1) / "model").exists()
+    config.save_models_safetensors = True  # small_cnn has no PyTorch layout
+    with pytest.raises(settings.ConfigError, match="small_cnn has no PyTorch layout"):
+        settings.check(config)

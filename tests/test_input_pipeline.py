@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from grasp_jax import input_pipeline as ip
+from grasp_jax import presized
 
 SMALL = ip.PipelineConfig(resize_size=20, crop_size=16, batch_size=4)
 
@@ -188,3 +189,44 @@ def test_iterate_in_thread_yields_the_dataset():
     assert len(through) == len(direct) == 2
     for a, b in zip(through, direct, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shard_count", [1, 2])
+def test_presized_rows_give_the_batches_of_the_per_example_path(
+    train, shard_count, monkeypatch
+):
+    """Images already at the crop size are gathered from memory (`presized`): the same
+    examples, order, shards and remainder as grain's per-example transform."""
+    rng = np.random.default_rng(1)
+    rows = [
+        {"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i % 3, "id": i}
+        for i in range(23)
+    ]
+    config = ip.PipelineConfig(resize_size=8, crop_size=8, batch_size=4)
+
+    def epoch(source, index):
+        ds = ip.dataset(
+            source,
+            config,
+            train=train,
+            seed=7,
+            epoch=2,
+            shard_index=index,
+            shard_count=shard_count,
+        )
+        return [ds[b] for b in range(len(ds))]
+
+    fast = [epoch(rows, i) for i in range(shard_count)]
+    assert presized.arrays(rows, 8) is not None  # the in-memory path was taken
+    monkeypatch.setattr(presized, "MAX_BYTES", 0)  # too big: grain's per-example path
+    slow = [epoch(list(rows), i) for i in range(shard_count)]
+    if train:  # 23 rows: 5 full global batches, the remainder dropped
+        assert [len(shard) for shard in fast] == [5] * shard_count
+    for fast_shard, slow_shard in zip(fast, slow, strict=True):
+        assert len(fast_shard) == len(slow_shard) > 0
+        for a, b in zip(fast_shard, slow_shard, strict=True):
+            assert set(a) == set(b) == {"image", "label"}
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
+            assert a["label"].dtype == b["label"].dtype

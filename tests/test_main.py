@@ -16,6 +16,7 @@ import pytest
 from experiments import methods, report, runner, settings, source_matrix
 from experiments.configs.digits import get_config
 from tests import pinned_experiment
+from tests.test_tensorboard import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {
@@ -48,11 +49,23 @@ def experiment(digits_dir, tmp_path_factory):
 def test_every_method_writes_its_files(experiment):
     config, workdir, _ = experiment
     results = workdir / "results" / "digits_drift"
+    events = read_events(workdir / "tensorboard")
     for method in config.methods:
         for trial in (1, 2):
             run = results / runner.run_name(config, "d2", method, trial)
             record = json.loads((run / "metrics.json").read_text())
             assert record == json.loads((run / "config.json").read_text())
+            resolved = json.loads((run / "run_config.json").read_text())
+            assert resolved["run"] == {
+                "method": method,
+                "target": "d2",
+                "trial": trial,
+                "seed": settings.run_seed(config, "d2", trial),
+                "sources": ["d0", "d1"],
+            }
+            assert resolved["grasp"] == config.grasp.to_dict()
+            label = method + methods.REGISTRY[method].folder_suffix(config)
+            assert f"d2/{label}/trial{trial}/test_accuracy" in events
             assert record["method"] == method and record["target"] == "d2"
             assert record["diverged"] == []  # no stage stopped on a non-finite loss
             assert record["sources"] == ["d0", "d1"] and record["trial"] == trial
@@ -216,6 +229,30 @@ def test_source_matrix(experiment):
         assert shares.shape == (4, 3) and ((shares >= 0.1) & (shares <= 1)).all()
         np.testing.assert_allclose(shares * 450, np.round(shares * 450), atol=1e-6)
     assert np.asarray(recalibrated["accuracy"]).shape == (4, 3)
+    ensemble = np.asarray(matrix["other_sources_soft_ensemble"])
+    assert ensemble.shape == (3,) and ((ensemble >= 0) & (ensemble <= 1)).all()
+
+
+def test_the_other_sources_ensemble_leaves_the_bins_own_source_out():
+    """By hand, one test image of class 0 per bin: the mean of the other sources'
+    softmax decides, the bin's own source never counts."""
+
+    def out(*logits):
+        return {"logits": np.array([logits], float), "labels": np.array([0])}
+
+    own_wrong = out(0.0, 20.0)  # the bin's own source: confidently wrong
+    far = out(0.0, 10.0)  # p(0) = 4.5e-5
+    near = out(3.0, 0.0)  # p(0) = 0.953
+    # bin 0: sources 1-3 vote: mean softmax p(0) = 0.635 (right), where the mean of
+    # their logits, (2, 3.3), would be wrong and counting source 0 would tip it too
+    outputs = [[own_wrong, near], [far, own_wrong], [near, near], [near, far]]
+    outputs = [[*row, near, near] for row in outputs]  # bins 2, 3: every source right
+    outputs[2][2] = own_wrong
+    outputs[3][3] = own_wrong
+    # bin 1: sources 0, 2, 3 -> near, near, far: right
+    assert source_matrix.other_sources_soft_ensemble(outputs) == [1.0, 1.0, 1.0, 1.0]
+    outputs[2][0] = far  # bin 0 now: far, far, near -> p(0) = 0.318: wrong
+    assert source_matrix.other_sources_soft_ensemble(outputs)[0] == 0.0
 
 
 def record(method, target, trial, accuracy):
@@ -518,9 +555,13 @@ def test_only_process_zero_writes(experiment, tmp_path, monkeypatch):
     record = json.loads((run / "metrics.json").read_text())
     profile = json.loads((run / "memory_profile.json").read_text())
     monkeypatch.setattr(report.writers.jax, "process_index", lambda: 1)
-    report.write_run(tmp_path / "run", record, profile, [str(i) for i in range(10)], "t")
+    report.write_run(
+        tmp_path / "run", record, profile, [str(i) for i in range(10)], "t", {}
+    )
     report.write_summary(tmp_path / "summary", summary, "t")
     assert not list(tmp_path.iterdir())
     monkeypatch.setattr(report.writers.jax, "process_index", lambda: 0)
-    report.write_run(tmp_path / "run", record, profile, [str(i) for i in range(10)], "t")
+    report.write_run(
+        tmp_path / "run", record, profile, [str(i) for i in range(10)], "t", {}
+    )
     assert json.loads((tmp_path / "run/metrics.json").read_text()) == record

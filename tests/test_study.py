@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from experiments import study
+from experiments import settings, study
+from grasp_jax.grasp import NOTHING_MOVES
 from tests.test_main import tiny_config
 
 
@@ -14,11 +15,37 @@ from tests.test_main import tiny_config
 def small_study(digits_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
     config = tiny_config(digits_dir)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(study, "THRESHOLDS", (-1.0, 0.3, 1.01))
-        patch.setattr(study, "GRANULARITIES", ("tensor", "channel"))
-        result = study.run_study(config, workdir, progress=False)
+    config.study.update(thresholds=(-1.0, 0.3, 1.01), granularities=("tensor", "channel"))
+    result = study.run_study(config, workdir, progress=False)
     return config, workdir, result
+
+
+def test_the_grid_comes_from_the_config_and_always_holds_the_baseline(digits_dir):
+    assert study.STAGED[1] == NOTHING_MOVES  # kept apart so that --help imports no JAX
+    config = tiny_config(digits_dir)
+    config.study.update(thresholds=(0.3,), granularities=("element",), modes=("soft",))
+    config.study.controls = False
+    assert study.variants(config.study) == [
+        ("grasp", 1.01, "tensor", "hard"),
+        ("grasp", 0.3, "element", "soft"),
+    ]
+    config.study.controls = True
+    assert study.variants(config.study)[-1] == ("grasp_random", 0.3, "element", "hard")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("granularities", ("tensr",), "study.granularities=tensr: choose from"),
+        ("modes", (), "study.modes=: choose from"),
+        ("thresholds", (0.3, 2.0), "study.thresholds: [2.0]; cosine thresholds lie in"),
+    ],
+)
+def test_a_study_key_that_cannot_work_is_refused_by_name(digits_dir, key, value, message):
+    config = tiny_config(digits_dir)
+    config.study[key] = value
+    with pytest.raises(settings.ConfigError, match=message.replace("[", r"\[")):
+        study.check(config)
 
 
 def test_every_variant_has_a_row_and_the_files_exist(small_study):

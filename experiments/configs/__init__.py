@@ -63,17 +63,29 @@ def override(config: ml_collections.ConfigDict, pairs: dict[str, str]):
         for section in sections:
             node = _child(node, section, key)
         old = _child(node, leaf, key)
-        node[leaf] = _typed(text, old, key)
+        node[leaf] = typed_value(text, old, key)
     return config
 
 
 def _child(node, name: str, key: str):
     if name not in node:
-        raise ValueError(f"unknown config key {key!r}; valid keys here: {sorted(node)}")
+        raise ValueError(
+            f"unknown config key {key!r}; {nearest(name, node)}valid keys here: "
+            f"{sorted(node)}"
+        )
     return node[name]
 
 
-def _typed(text: str, old, key: str):
+def nearest(name: str, keys) -> str:
+    """ "did you mean 'trials'? " for a near miss of one of `keys`, else ""."""
+    import difflib
+
+    near = difflib.get_close_matches(name, sorted(keys), n=1)
+    return f"did you mean {near[0]!r}? " if near else ""
+
+
+def typed_value(text: str, old, key: str):
+    """`text` read as the type of `old` (the value it replaces); ValueError names `key`."""
     if isinstance(old, str) or old is None:
         return text
     if isinstance(old, bool):
@@ -89,5 +101,5 @@ def _typed(text: str, old, key: str):
     if isinstance(old, float) and isinstance(value, int):
         value = float(value)
     if not isinstance(value, type(old)):
-        raise ValueError(f"{key}={text!r}; expected a {type(old).__name__}")
+        raise ValueError(f"{key}={text!r}; expected a value of type {type(old).__name__}")
     return value

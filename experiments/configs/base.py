@@ -70,6 +70,22 @@ def base_config() -> ml_collections.ConfigDict:
     # Save GRASP's final model as the reference does (a PyTorch state dict, run folder's
     # checkpoints/); needs the torch extra and a model with a PyTorch layout.
     config.save_final = False
+    # Keep every run's final model (single-model methods: not the ensembles, FUSION or
+    # PEARL) as an Orbax checkpoint in the run folder's model/, which
+    # experiments.evaluate reads; also as model.safetensors (PyTorch layout) if asked.
+    config.save_models = False
+    config.save_models_safetensors = False
+    # The study (python -m experiments.study): GRASP at every (threshold, granularity,
+    # mode), and with `controls` grasp_random at every threshold that moves a strict
+    # subset. Staged fine-tuning (threshold 1.01, tensor, hard) always runs: the baseline.
+    config.study = ml_collections.ConfigDict(
+        {
+            "thresholds": (-1.0, 0.0, 0.1, 0.3, 0.5, 0.7, 1.01),
+            "granularities": ("tensor", "channel", "element"),
+            "modes": ("hard", "soft"),
+            "controls": True,
+        }
+    )
     # Devices a model is split over (FSDP-style, grasp_jax.sharding); the rest of the
     # devices replicate it for data parallelism. 1: every device holds the whole model.
     config.mesh = ml_collections.ConfigDict({"model": 1})

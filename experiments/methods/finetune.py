@@ -15,7 +15,7 @@ def run_finetune(ctx: Context) -> MethodResult:
     epochs = cfg.total_epochs(len(ctx.source_bins))
     first = ctx.source_bins[0]
     fit = ctx.fit(ctx.restore(first), cfg.stage_config(epochs), f"finetune {first}")
-    val, test = ctx.predict(fit.variables)
+    val, test = ctx.predict_final(fit.variables)
     return MethodResult(val, test, fit.history, epochs)
 
 
@@ -23,7 +23,7 @@ def run_target_only(ctx: Context) -> MethodResult:
     init_seed = seeding.int_seed(seeding.stream(seeding.root_key(ctx.seed), "init"))
     recipe = settings.recipe(ctx.config.source_training)
     fit = ctx.fit(sources.fresh_variables(ctx.config, init_seed), recipe, "target_only")
-    val, test = ctx.predict(fit.variables)
+    val, test = ctx.predict_final(fit.variables)
     return MethodResult(val, test, fit.history, recipe.epochs)
 
 

@@ -63,7 +63,7 @@ def run_grasp(
     )
     if ctx.config.save_final:
         final_model.save_pytorch(ctx.config, ctx.out_dir, result.variables)
-    val, test = ctx.predict(result.variables)
+    val, test = ctx.predict_final(result.variables)
     history = [dict(h, stage=i) for i, s in enumerate(result.stages) for h in s.history]
     transfer = [
         {k: dataclasses.asdict(s)[k] for k in TRANSFER_KEYS} for s in result.stages[1:]

@@ -97,7 +97,7 @@ def run_weight_merge(ctx: Context, name: str) -> MethodResult:
         fit = ctx.fit(merged, recipe, f"{name} fine-tune")
         merged, history = fit.variables, fit.history
     ctx.mark("finetuning_complete")
-    val, test = ctx.predict(merged)
+    val, test = ctx.predict_final(merged)
     extra = {
         "num_source_models": len(ctx.source_bins),
         "val_accuracy_after_merge": after_merge,

@@ -15,11 +15,19 @@ from grasp_jax import files
 
 
 def write_run(
-    out_dir: Path, record: dict, profile: dict, class_names: list[str], title: str
+    out_dir: Path,
+    record: dict,
+    profile: dict,
+    class_names: list[str],
+    title: str,
+    resolved_config: dict,
 ) -> None:
-    """Every file of one run; `metrics.json` last, as it marks the run finished."""
+    """Every file of one run; `metrics.json` last, as it marks the run finished.
+    `config.json` is the record, as the reference writes it; `run_config.json` the
+    whole config the run ran under."""
     if jax.process_index() != 0:
         return
+    write_json(out_dir / "run_config.json", resolved_config)
     write_json(out_dir / "memory_profile.json", profile)
     write_json(out_dir / "flops_report.json", record["flops"])
     for split in ("test", "val"):

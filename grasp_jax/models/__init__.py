@@ -74,6 +74,15 @@ def init(
 
     Wrap in `jax.eval_shape` for shapes only (no memory spent on a throwaway init).
     """
-    module = create(name, num_classes, **overrides)
-    # Jitted: op-by-op initialisation of a deep model compiles hundreds of tiny programs.
-    return jax.jit(lambda key: module.init(key, jnp.zeros(input_shape), train=False))(rng)
+    return _jitted_init(create(name, num_classes, **overrides), tuple(input_shape))(rng)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(module: nn.Module, input_shape: tuple[int, ...]) -> Callable:
+    """One jitted init per (module, input shape), reused by every later call.
+
+    Jitted because op-by-op initialisation of a deep model compiles hundreds of tiny
+    programs; cached because a fresh `jax.jit(lambda ...)` per call compiles again each
+    time (modules are frozen dataclasses, equal fields hash equal).
+    """
+    return jax.jit(lambda key: module.init(key, jnp.zeros(input_shape), train=False))
