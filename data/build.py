@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import tensorflow_datasets as tfds
-from absl import app, flags
+from absl import app, flags, logging
 
 import data  # registers the builders
 from data.digits_drift import DigitsDrift
@@ -105,19 +105,29 @@ def main(argv: list[str]) -> None:
             f"usage: python -m data.build {{{','.join(BUILDERS)}}} [flags]"
         )
     name, given = argv[1], flags.FLAGS
+    if not given["verbosity"].present:  # TFDS logs every step at INFO
+        logging.set_verbosity(logging.WARNING)
     kwargs = {}
     if name in ("clear10", "clear100", "yearbook"):
         kwargs["skip_corrupt"] = given.skip_corrupt
     if name == "clear10":
         kwargs["keep_background"] = given.keep_background
     start = time.perf_counter()
-    built = build(
-        name,
-        manual_dir=given.manual_dir,
-        data_dir=given.data_dir,
-        configs=given.configs,
-        **kwargs,
-    )
+    try:
+        built = build(
+            name,
+            manual_dir=given.manual_dir,
+            data_dir=given.data_dir,
+            configs=given.configs,
+            **kwargs,
+        )
+    except (LayoutError, ValueError) as err:  # the builders' own one-line messages
+        raise SystemExit(f"data.build: {err}") from None
+    except OSError as err:  # e.g. --data_dir is a file or not writable
+        where = err.filename or given.data_dir
+        raise SystemExit(
+            f"data.build: {where}: {err.strerror or err}; choose a writable --data_dir"
+        ) from None
     for config, path in built.items():
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"{name}/{config}: {path} ({size / 2**20:.1f} MiB)")

@@ -23,7 +23,10 @@ def main(argv: list[str]) -> None:
         print(listing(flags.FLAGS.config))
         return
     if flags.FLAGS.dry_run:
-        print(dry_run(flags.FLAGS.config))
+        logging.set_verbosity(logging.WARNING)  # JAX's backend search logs at INFO
+        config, workdir = cli.config_and_workdir()
+        with cli.one_line_errors("experiments.main"):
+            print(dry_run(config, workdir))
         return
     from experiments import report, runner  # after the flags: --help stays fast
 
@@ -51,15 +54,12 @@ def listing(config) -> str:
     return "\n".join(lines)
 
 
-def dry_run(config) -> str:
-    """The resolved config and the runs `main` would do in `--workdir`, checked as a
+def dry_run(config, workdir) -> str:
+    """The resolved config and the runs `main` would do in `workdir`, checked as a
     real run checks them; nothing is trained or written."""
     from experiments import methods, runner, settings
 
-    logging.set_verbosity(logging.WARNING)  # JAX's backend search logs at INFO
-    config, workdir = cli.config_and_workdir()
-    with cli.one_line_errors("experiments.main"):
-        targets = settings.check(config, methods.REGISTRY)
+    targets = settings.check(config, methods.REGISTRY)
     runs = runner.plan(config, workdir, targets)
     lines = [config.to_json_best_effort(indent=2, sort_keys=True), ""]
     lines += [
@@ -71,10 +71,15 @@ def dry_run(config) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    cli.exit_on_help(sys.argv, __doc__)
-    cli.exit_on_config_error(sys.argv, "experiments.main")
+def define_flags() -> None:
+    """The experiment flags and `--list`, `--dry_run`."""
     cli.define_experiment_flags()
     flags.DEFINE_bool("list", False, "Print configs and methods with their keys; exit.")
     flags.DEFINE_bool("dry_run", False, "Print the resolved config and the runs; exit.")
+
+
+if __name__ == "__main__":
+    cli.exit_on_help(sys.argv, __doc__)
+    cli.exit_on_config_error(sys.argv, "experiments.main")
+    define_flags()
     app.run(main, argv=expand_config_argument(sys.argv))

@@ -236,7 +236,7 @@ def run_one(
     )
     record["memory"]["host_peak_scope"] = "this run" if per_run else "this process so far"
     record["settings"] = run_dependencies(ctx.config, method, ctx.target, trial)
-    title = f"{method.name} on {ctx.target}"
+    title = f"{method.name} on {ctx.target}, trial {trial}"
     resolved = ctx.config.to_dict() | {
         "run": {"method": method.name, "target": ctx.target, "trial": trial}
         | {"seed": ctx.seed, "sources": list(ctx.source_bins)}

@@ -56,8 +56,13 @@ def concrete(value) -> float | None:
 
 
 def check_merge_arguments(arguments: dict) -> None:
-    """threshold in [-1, 1.01], eps finite and >= 0, nothing donated shared with
-    another input."""
+    """`check_scalars`, and nothing of the donated `current` shared with another input."""
+    check_scalars(arguments)
+    check_not_aliased(arguments)
+
+
+def check_scalars(arguments: dict) -> None:
+    """threshold in [-1, 1.01], eps finite and >= 0."""
     threshold = concrete(arguments.get("threshold"))
     low, high = THRESHOLD_RANGE
     if threshold is not None and not low <= threshold <= high:
@@ -68,8 +73,6 @@ def check_merge_arguments(arguments: dict) -> None:
     eps = concrete(arguments.get("eps"))
     if eps is not None and not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps={eps:g}: use a small finite eps >= 0 (1e-8)")
-    if "current" in arguments:
-        check_not_aliased(arguments)
 
 
 def check_not_aliased(arguments: dict) -> None:

@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from grasp_jax.arguments import check_merge_arguments, checked
+from grasp_jax.arguments import check_scalars, checked
 from grasp_jax.tree_checks import (
     PyTree,
     check_floating,
@@ -141,7 +141,7 @@ def transfer_impl(
     )
 
 
-@checked(check_merge_arguments)
+@checked(check_scalars)
 @functools.partial(jax.jit, static_argnames=("mode",))
 def transfer(
     current: PyTree,

@@ -120,11 +120,10 @@ def main() -> None:
         _install(point, int(n))
     from absl import app
 
-    from experiments import cli
     from experiments import main as experiment
     from experiments.configs import expand_config_argument
 
-    cli.define_experiment_flags()  # as `python -m experiments.main` does
+    experiment.define_flags()  # as `python -m experiments.main` does
     app.run(experiment.main, argv=expand_config_argument(["experiments.main", *args]))
 
 

@@ -192,8 +192,9 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
 def test_mismatched_trees_name_the_leaf():
     a = {"conv": {"kernel": jnp.ones((3, 3))}, "head": {"kernel": jnp.ones((3, 2))}}
     b = {"conv": {"kernel": jnp.ones((3, 3))}, "head": {"kernel": jnp.ones((3, 5))}}
+    grads = jax.tree.map(jnp.copy, a)  # not `a` itself: merge_step donates `a`
     with pytest.raises(ValueError, match=r"'head/kernel' has shape \(3, 2\)"):
-        gj.merge_step(a, b, a, a)
+        gj.merge_step(a, b, grads, grads)
 
 
 def test_integer_leaves_are_refused_by_name():
@@ -802,3 +803,29 @@ def test_traced_scalars_pass_to_the_callers_jit():
     _, stats = step(current, 0.3)
     assert float(stats.fraction) == 1.0  # equal-direction gradients: everything moves
     assert gj.merge_step.lower(current, source, grad_current, grad_source) is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["digits_drift", "--data_dir={file}"], "/downloads: Not a directory; choose a"),
+        (["clear10", "--manual_dir={tmp}/none"], "clear10 needs --manual_dir, a folder"),
+        (["digits_drift", "--configs=d9"], "no config(s) ['d9']"),
+    ],
+)
+def test_data_build_ends_a_user_error_in_one_line(tmp_path, args, message):
+    """`data.build` printed its builders' good messages as tracebacks."""
+    (tmp_path / "file").write_text("")
+    args = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in args]
+    if "--data_dir" not in " ".join(args):
+        args.append(f"--data_dir={tmp_path}/out")
+    result = subprocess.run(
+        [sys.executable, "-m", "data.build", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().startswith("data.build: "), result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

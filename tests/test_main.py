@@ -565,3 +565,35 @@ def test_only_process_zero_writes(experiment, tmp_path, monkeypatch):
         tmp_path / "run", record, profile, [str(i) for i in range(10)], "t", {}
     )
     assert json.loads((tmp_path / "run/metrics.json").read_text()) == record
+
+
+def test_list_names_every_method_with_its_hyperparameters():
+    from experiments import main
+
+    text = main.listing(get_config())
+    for name, method in methods.REGISTRY.items():
+        assert f"\n  {name}: {method.description}" in text
+    assert "      threshold = 0.3" in text and "      voting = soft" in text
+    assert text.startswith("configs: clear10, clear100, digits, yearbook")
+
+
+def test_a_dry_run_lists_the_runs_marks_finished_ones_and_writes_nothing(
+    experiment, tmp_path
+):
+    from experiments import main
+
+    config, workdir, _ = experiment
+    before = sorted(p for p in workdir.rglob("*"))
+    text = main.dry_run(config, workdir)
+    assert sorted(p for p in workdir.rglob("*")) == before
+    lines = text.splitlines()
+    assert "d2 trial 2: grasp (finished earlier)" in lines
+    assert lines[-1] == f"10 runs (10 finished) in {workdir}; nothing was run"
+    fresh = main.dry_run(config, tmp_path / "new")
+    assert fresh.splitlines()[-1].startswith("10 runs (0 finished)")
+    assert "d2 trial 1: target_only" in fresh.splitlines()
+    assert not (tmp_path / "new").exists()
+    twice = config.copy_and_resolve_references()
+    twice.methods = ("grasp", "grasp")
+    with pytest.raises(settings.ConfigError, match="grasp"):  # checked as a real run
+        main.dry_run(twice, tmp_path / "new")

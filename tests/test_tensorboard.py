@@ -67,3 +67,13 @@ def test_a_record_without_a_part_is_logged_without_it(tmp_path, missing):
     record = {k: v for k, v in RECORD.items() if k != missing}
     tensorboard.log_run(tmp_path, record, "ensemble")
     assert read_events(tmp_path)["d2/ensemble/trial3/val_accuracy"] == [(0, 0.75)]
+
+
+def test_runs_logged_within_one_second_keep_their_own_events(tmp_path):
+    """Event files are named by the second: a run logged right after another once
+    replaced its file."""
+    for trial in (1, 2, 3):
+        tensorboard.log_run(tmp_path, RECORD | {"trial": trial}, "finetune")
+    events = read_events(tmp_path)
+    for trial in (1, 2, 3):
+        assert events[f"d2/finetune/trial{trial}/test_accuracy"] == [(0, 0.875)]

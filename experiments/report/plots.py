@@ -57,18 +57,33 @@ def confusion_matrix_png(
 
 def training_curves_png(history: list[dict], path: Path, title: str) -> None:
     """Losses and validation accuracy over the concatenated epochs of all stages (an
-    epoch without a value, e.g. one that diverged, leaves a gap)."""
+    epoch without a value, e.g. one that diverged, leaves a gap); with GRASP's stages
+    a dashed line marks each merge, just before the first epoch after it."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     x = np.arange(len(history))
     left.plot(x, [h.get("train_loss", np.nan) for h in history], label="train")
     left.plot(x, [h.get("val_loss", np.nan) for h in history], label="val")
-    left.set_xlabel("epoch (all stages)")
     left.set_ylabel("loss")
+    accuracy = [100 * h.get("val_accuracy", np.nan) for h in history]
+    right.plot(x, accuracy, color="tab:green")
+    right.set_ylabel("val accuracy (%)")
+    stages = [h.get("stage") for h in history]
+    merges = [i for i in range(1, len(stages)) if stages[i] != stages[i - 1]]
+    for ax in (left, right):
+        ax.set_xlabel("epoch (all stages)")
+        for k, i in enumerate(merges, start=1):
+            ax.axvline(i - 0.5, color="grey", ls="--", lw=0.8)
+            if ax is right:
+                ax.annotate(
+                    f"merge {k}",
+                    (i - 0.45, 1),
+                    xycoords=("data", "axes fraction"),
+                    va="top",
+                    fontsize=7,
+                    color="grey",
+                )
     left.legend()
-    right.plot(x, [h.get("val_accuracy", np.nan) for h in history], color="tab:green")
-    right.set_xlabel("epoch (all stages)")
-    right.set_ylabel("val accuracy")
     fig.suptitle(title)
     save_figure(fig, path)
 
@@ -81,10 +96,10 @@ def summary_bar_chart(summary: dict, path: Path, title: str) -> None:
     means = [summary["methods"][n]["test_accuracy_mean"] for n in names]
     stds = [summary["methods"][n]["test_accuracy_std"] for n in names]
     fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.1 * len(names), 4.2))
-    left.bar(names, means, yerr=stds, capsize=4, color="tab:blue")
+    left.bar(names, [100 * m for m in means], yerr=[100 * s for s in stds], capsize=4)
     left.tick_params(axis="x", labelrotation=45)
-    left.set_ylim(0, 1)
-    left.set_ylabel("test accuracy (± std)")
+    left.set_ylim(0, 100)
+    left.set_ylabel("test accuracy (%, ± std)")
     baseline = summary.get("baseline", "grasp")
     key = f"paired_difference_to_{baseline}"
     diffs = {n: m[key] for n, m in summary["methods"].items() if m.get(key)}
@@ -127,9 +142,20 @@ def source_matrix_png(matrix: dict, path: Path, title: str) -> None:
 
 
 def study_png(study: dict, path: Path, title: str) -> None:
-    """Accuracy against the share of parameters moved, one panel per granularity."""
+    """Accuracy against the share of parameters moved, one panel per granularity
+    (tensor, channel, element), each point labelled by its threshold; the staged
+    fine-tuning baseline (nothing moves) as a line with its interval."""
+    from grasp_jax.alignment import GRANULARITIES
+
     plt = pyplot()
-    granularities = sorted({r["granularity"] for r in study["rows"]})
+    present = {r["granularity"] for r in study["rows"]}
+    granularities = [g for g in GRANULARITIES if g in present]
+    baseline = tuple(study.get("staged_finetuning") or ())
+    staged = [
+        r
+        for r in study["rows"]
+        if (r["method"], r["threshold"], r["granularity"], r["mode"]) == baseline
+    ]
     fig, axes = plt.subplots(
         1, len(granularities), figsize=(4.2 * len(granularities), 3.6), sharey=True
     )
@@ -157,6 +183,26 @@ def study_png(study: dict, path: Path, title: str) -> None:
             ]
             ax.errorbar(
                 x, y, yerr=err, fmt=marker + "-", color=color, capsize=3, label=label
+            )
+            for xi, yi, r in zip(x, y, rows, strict=True):
+                ax.annotate(
+                    f"{r['threshold']:g}",
+                    (xi, yi),
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                    fontsize=6,
+                    color=color,
+                )
+        if staged:
+            base = staged[0]["test_accuracy"]
+            low, high = base["ci95"] or (base["mean"], base["mean"])
+            ax.axhspan(low, high, color="grey", alpha=0.15, lw=0)
+            ax.axhline(
+                base["mean"],
+                color="grey",
+                ls="--",
+                lw=0.8,
+                label="staged fine-tuning (nothing moves)",
             )
         ax.set_title(f"granularity: {granularity}", fontsize=9)
         ax.set_xlabel("parameters moved per merge (%)")

@@ -26,7 +26,10 @@ def log_run(folder: Path, record: dict, label: str) -> None:
     from tensorboardX import SummaryWriter
 
     prefix = f"{record['target']}/{label}/trial{record['trial']}"
-    with SummaryWriter(str(folder)) as writer:
+    # Event files are named by the second and the host: runs finishing within one
+    # second would overwrite each other's file without a suffix of their own.
+    suffix = f".{record['target']}.{label}.trial{record['trial']}"
+    with SummaryWriter(str(folder), filename_suffix=suffix) as writer:
         for step, epoch in enumerate(record.get("history", [])):
             for key in (*EPOCH_KEYS, "stage"):
                 if isinstance(epoch.get(key), int | float):
