@@ -237,10 +237,8 @@ def run_one(
     record["memory"]["host_peak_scope"] = "this run" if per_run else "this process so far"
     record["settings"] = run_dependencies(ctx.config, method, ctx.target, trial)
     title = f"{method.name} on {ctx.target}, trial {trial}"
-    resolved = ctx.config.to_dict() | {
-        "run": {"method": method.name, "target": ctx.target, "trial": trial}
-        | {"seed": ctx.seed, "sources": list(ctx.source_bins)}
-    }
+    run = {"method": method.name, "target": ctx.target, "trial": trial, "seed": ctx.seed}
+    resolved = ctx.config.to_dict() | {"run": run | {"sources": list(ctx.source_bins)}}
     report.write_run(out_dir, record, profile, class_names, title, resolved)
     if jax.process_index() == 0:
         label = method.name + method.folder_suffix(ctx.config)
