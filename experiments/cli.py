@@ -69,6 +69,13 @@ def exit_on_help(argv: list[str], doc: str, own_flags=None, *, takes_config=True
     raise SystemExit(0)
 
 
+def quiet_logs() -> None:
+    """absl, TFDS, Orbax and JAX log at WARNING (Orbax logs every save at INFO) unless
+    `--verbosity` asks for more."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def exit_on_config_error(argv: list[str], command: str) -> None:
     """Loads `--config` and its `--config.KEY=` overrides once before absl does: a
     mistake in them is one line naming it (and the nearest valid key), exit 1."""
@@ -99,7 +106,7 @@ def run_experiment_command(command: str, work, check=None):
     workdir)` with one-line user errors; returns (config, workdir, result)."""
     from experiments import methods, settings, workdir_lock  # not for compare
 
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    quiet_logs()
     distributed.initialize()
     config, workdir = config_and_workdir()
     with one_line_errors(command):

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> None:
 
     from experiments import report, settings
 
-    logging.set_verbosity(logging.WARNING)
+    cli.quiet_logs()
     given = flags.FLAGS
     config = given.config
     with cli.one_line_errors("experiments.evaluate"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import cli
 from experiments.configs import expand_config_argument
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
         print(listing(flags.FLAGS.config))
         return
     if flags.FLAGS.dry_run:
-        logging.set_verbosity(logging.WARNING)  # JAX's backend search logs at INFO
+        cli.quiet_logs()
         config, workdir = cli.config_and_workdir()
         with cli.one_line_errors("experiments.main"):
             print(dry_run(config, workdir))

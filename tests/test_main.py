@@ -597,3 +597,27 @@ def test_a_dry_run_lists_the_runs_marks_finished_ones_and_writes_nothing(
     twice.methods = ("grasp", "grasp")
     with pytest.raises(settings.ConfigError, match="grasp"):  # checked as a real run
         main.dry_run(twice, tmp_path / "new")
+
+
+def test_info_logs_only_when_verbosity_asks(tmp_path):
+    """absl/JAX/TFDS INFO lines are off by default and back with --verbosity=0."""
+
+    def stderr(*extra):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "experiments.main",
+                "--dry_run",
+                *extra,
+                f"--workdir={tmp_path}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stderr
+
+    info = re.compile(r"^I\d{4} ", re.MULTILINE)
+    assert not info.search(stderr())
+    assert info.search(stderr("--verbosity=0"))
