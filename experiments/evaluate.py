@@ -47,12 +47,12 @@ def load_variables(config, path: Path) -> dict:
 
     if not path.exists():
         raise settings.ConfigError(f"--checkpoint={path} does not exist")
+    run = path.is_dir() and (path / "metrics.json").is_file()  # a run: its final model
+    if run and checkpoints.is_complete(path / final_model.MODEL_FOLDER):
+        path = path / final_model.MODEL_FOLDER
     if checkpoints.is_complete(path):
         return checkpoints.restore_variables(path, src.model_and_abstract(config)[1])
-    if path.is_dir() and (path / "metrics.json").is_file():  # a run: its final model
-        kept = path / final_model.MODEL_FOLDER
-        if checkpoints.is_complete(kept):
-            return checkpoints.restore_variables(kept, src.model_and_abstract(config)[1])
+    if run:
         finals = sorted((path / "checkpoints").glob("*_final.ckpt"))
         if not finals:
             raise settings.ConfigError(
