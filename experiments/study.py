@@ -68,8 +68,9 @@ def check(config) -> None:
         )
 
 
-def run_study(config, workdir: Path, *, progress: bool = True) -> dict:
-    """Every variant's runs (into the experiment's results folder), then the table."""
+def run_study(config, workdir: Path, *, progress: bool | None = None) -> dict:
+    """Every variant's runs (into the experiment's results folder), then the table.
+    `progress`: bars (default: on a terminal only, as `runner.run_methods`)."""
     import numpy as np
 
     from experiments import console, report, runner

@@ -94,3 +94,19 @@ def test_the_random_control_moves_units_not_aligned_ones(small_study):
         "small-cnn_d2_grasp_random_30_trial1",
         "small-cnn_d2_grasp_random_30_trial2",
     ]
+
+
+def test_a_study_redirected_to_a_file_draws_no_progress_bars(digits_dir, tmp_path, monkeypatch):
+    """The study passes no `progress=True` of its own: bars only on a terminal (#27)."""
+    from experiments import runner
+
+    asked = []
+
+    def first_variant_only(config, workdir, *, progress=None):
+        asked.append(progress)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_methods", first_variant_only)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(tiny_config(digits_dir), tmp_path)
+    assert asked and asked[0] is not True
