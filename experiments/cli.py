@@ -6,6 +6,7 @@ the flags are parsed."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
@@ -133,6 +134,12 @@ def one_line_errors(command: str):
     except Exception as err:
         if isinstance(err, user_errors()):
             raise SystemExit(f"{command}: {err}") from None
+        if disk_full(err):  # from us, Orbax or TensorStore, often inside another error
+            raise SystemExit(
+                f"{command}: no space left on the disk of --workdir; free some and rerun "
+                "the same command: finished runs, trained sources and the last finished "
+                "epoch are kept"
+            ) from None
         raise
     except KeyboardInterrupt:
         print(
@@ -141,6 +148,20 @@ def one_line_errors(command: str):
             file=sys.stderr,
         )
         raise SystemExit(130) from None
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from or during, is a full disk or quota:
+    an OSError (ENOSPC, EDQUOT) or TensorStore's RESOURCE_EXHAUSTED status in a message."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "RESOURCE_EXHAUSTED" in str(err) or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def check_workdir(workdir: Path) -> None:

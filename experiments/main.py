@@ -66,8 +66,7 @@ def dry_run(config, workdir) -> str:
         f"{target} trial {trial}: {name}{' (finished earlier)' if finished else ''}"
         for target, trial, name, finished in runs
     ]
-    done = sum(finished for *_, finished in runs)
-    lines.append(f"{len(runs)} runs ({done} finished) in {workdir}; nothing was run")
+    lines.append(f"{runner.plan_line(config, workdir, runs)} in {workdir}; nothing was run")
     return "\n".join(lines)
 
 

@@ -99,15 +99,13 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
     targets = settings.check(config, methods.REGISTRY)
     aligning = bool(methods.ALIGNING & set(methods.selected(config)))
     data_checks.check(config, workdir, targets, aligning=aligning)
+    console.event(plan_line(config, workdir, plan(config, workdir, targets)))
     src.train_sources(config, workdir)
     results_dir = workdir / "results" / config.dataset
     title = f"{config.dataset} / {config.model}"
     if not source_matrix.is_current(config, workdir, results_dir):
         matrix = source_matrix.compute(config, workdir, progress=progress)
         report.write_source_matrix(results_dir, matrix, title)
-    runs = plan(config, workdir, targets)
-    done = sum(finished for *_, finished in runs)
-    console.event(f"plan: {len(runs)} runs, {done} finished earlier (reused)")
     costs = step_costs(config)
     results = []
     for target in targets:
@@ -144,6 +142,37 @@ def plan(config, workdir: Path, targets: list[str]) -> list[tuple[str, int, str,
         for name in methods.selected(config)
         for folder in [run_name(config, target, name, trial)]
     ]
+
+
+def plan_line(config, workdir: Path, runs: list[tuple[str, int, str, bool]]) -> str:
+    """`plan: N runs, F finished earlier (reused)`, and how long the others take at the
+    mean time of this work folder's finished runs of each method, when every method left
+    has some (more trials, say: a large plan says what it costs before it starts)."""
+    done = sum(finished for *_, finished in runs)
+    line = f"plan: {len(runs)} runs, {done} finished earlier (reused)"
+    left = [name for _, _, name, finished in runs if not finished]
+    results_dir = workdir / "results" / config.dataset
+    seconds: dict[str, list[float]] = {}
+    for target, trial, name, finished in runs:
+        if finished and name in left:
+            path = results_dir / run_name(config, target, name, trial) / "metrics.json"
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):  # the run loop says what is wrong with it
+                return line
+            seconds.setdefault(name, []).append(record.get("total_time_seconds", 0.0))
+    if not left or set(left) - set(seconds):
+        return line
+    total = sum(sum(seconds[name]) / len(seconds[name]) for name in left)
+    return (
+        f"{line}; the other {len(left)} take about {_duration(total)} (at past run times)"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def run_dependencies(config, method: Method, target: str, trial: int) -> dict:

@@ -133,6 +133,11 @@ def restore_variables(
     """Restores `items` into the shapes of `abstract_variables` (e.g. `jax.eval_shape`)
     and checks them against the checksums saved with them.
 
+    A leaf that names a sharding (a `jax.ShapeDtypeStruct` with one, an array) lands
+    there; any other lands replicated over every device of the job, whichever job saved
+    it: Orbax would place it as the saving job did (a one-process job's device 0), which
+    the other processes of a multi-process job cannot address.
+
     Raises CheckpointError naming `name` (e.g. the bin), the path, what is wrong (missing,
     partial, unreadable, corrupted, of another architecture) and `fix`.
     """
@@ -144,7 +149,7 @@ def restore_variables(
     with ocp.StandardCheckpointer() as checkpointer:
         for item in items:
             directory = Path(path).absolute() / item
-            target = abstract_variables.get(item, {})
+            target = _placed(abstract_variables.get(item, {}))
             try:
                 stored = checkpointer.metadata(directory).item_metadata
                 _compare(target, stored, where, item)
@@ -161,6 +166,21 @@ def restore_variables(
                     f"files are corrupted; {fix}."
                 )
     return restored
+
+
+def _placed(abstract: PyTree) -> PyTree:
+    """`abstract` with every leaf that names no sharding replicated over all devices."""
+    mesh = jax.make_mesh(
+        (jax.device_count(),), ("devices",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(leaf):
+        if getattr(leaf, "sharding", None) is not None:
+            return leaf
+        return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=replicated)
+
+    return jax.tree.map(place, abstract)
 
 
 def _first_line(err: Exception) -> str:

@@ -606,6 +606,30 @@ def test_ctrl_c_says_what_is_kept_in_one_line(capsys):
     ]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),  # errno 28: ENOSPC on Linux
+        ValueError(
+            "RESOURCE_EXHAUSTED: Error writing local file "
+            '"/w/sources/d0/ocdbt.process_0/d/1a2b": [OS error: No space left on device]'
+        ),  # TensorStore's words, as Orbax raises them from a save
+    ],
+    ids=["oserror", "tensorstore"],
+)
+def test_a_full_disk_is_one_line_saying_what_is_kept(capsys, error):
+    with pytest.raises(SystemExit) as stop, cli.one_line_errors("experiments.main"):
+        try:
+            raise error
+        except Exception as inner:
+            raise RuntimeError("Orbax: the save failed") from inner
+    assert str(stop.value.code).startswith(
+        "experiments.main: no space left on the disk of --workdir; free some and rerun"
+    )
+    with pytest.raises(ZeroDivisionError), cli.one_line_errors("experiments.main"):
+        raise ZeroDivisionError  # a bug keeps its traceback
+
+
 def test_a_diverged_history_is_drawn_and_recorded(tmp_path):
     """`grasp.learning_rate=1e999` went NaN and the curves crashed with KeyError
     'train_loss' after the work, leaving the run unrecorded."""

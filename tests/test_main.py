@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -503,10 +504,14 @@ def test_past_sources_only_use_earlier_bins():
     assert settings.source_bins(config, "d0") == []
 
 
-def test_two_processes_compute_the_same_results(digits_dir, tmp_path):
+def test_two_processes_compute_the_same_results(experiment, digits_dir, tmp_path):
     """`python -m experiments.main` as a two-process job (gloo): both processes print
-    the same summary, and the files on disk hold it."""
+    the same summary, and the files on disk hold it. The sources come from `experiment`
+    (same settings: reused after their checks); test_data_parallel trains in two
+    processes."""
     from tests.test_data_parallel import free_port
+
+    shutil.copytree(experiment[1] / "sources", tmp_path / "sources")
 
     port = free_port()
     command = [
@@ -537,8 +542,9 @@ def test_two_processes_compute_the_same_results(digits_dir, tmp_path):
         out, err = worker.communicate(timeout=900)
         assert worker.returncode == 0, err[-3000:]
         # Redirected, a log has no progress-bar frames or cursor codes, and one
-        # timestamped line per trained model and per run (from process 0).
+        # timestamped line per run (from process 0); the copied sources are reused.
         assert "\r" not in out + err and "\x1b[" not in out + err
+        assert ": trained, best validation accuracy" not in out
         events.append([line for line in out.splitlines() if ": test accuracy " in line])
         outputs.append(out[out.index("# digits_drift") :].split("\nresults in")[0])
     assert [len(e) for e in events] == [2, 0]  # grasp and ensemble on d2, one trial
@@ -588,9 +594,27 @@ def test_a_dry_run_lists_the_runs_marks_finished_ones_and_writes_nothing(
     assert sorted(p for p in workdir.rglob("*")) == before
     lines = text.splitlines()
     assert "d2 trial 2: grasp (finished earlier)" in lines
-    assert lines[-1] == f"10 runs (10 finished) in {workdir}; nothing was run"
+    assert (
+        lines[-1]
+        == f"plan: 10 runs, 10 finished earlier (reused) in {workdir}; nothing was run"
+    )
     fresh = main.dry_run(config, tmp_path / "new")
-    assert fresh.splitlines()[-1].startswith("10 runs (0 finished)")
+    assert fresh.splitlines()[-1].startswith(
+        "plan: 10 runs, 0 finished earlier (reused) in"
+    )
+    # More trials: the ten new runs cost what this folder's runs of each method took.
+    more = config.copy_and_resolve_references()
+    more.trials = 4
+    seconds = [
+        json.loads(p.read_text())["total_time_seconds"]
+        for p in (workdir / "results" / "digits_drift").glob("*/metrics.json")
+    ]
+    expected = sum(seconds)  # per method: two new trials at the mean of its two
+    text = f"{expected / 60:.0f} min" if expected >= 60 else f"{expected:.0f} s"
+    assert main.dry_run(more, workdir).splitlines()[-1] == (
+        f"plan: 20 runs, 10 finished earlier (reused); the other 10 take about {text} "
+        f"(at past run times) in {workdir}; nothing was run"
+    )
     assert "d2 trial 1: target_only" in fresh.splitlines()
     assert not (tmp_path / "new").exists()
     twice = config.copy_and_resolve_references()
