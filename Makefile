@@ -28,11 +28,14 @@ throughput: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 
 # Lint, format check, then the test suite without the `slow` full-size versions (what
-# .ci/run calls); `make test-all` runs those too.
+# .ci/run calls); `make test-all` runs those too. Tests run in one worker process per
+# core (at most 4; 2-3 GiB each), a file's tests in the same worker so that its
+# module fixtures run once: most of a test's time is single-threaded XLA compilation.
+PYTEST_WORKERS := -n auto --maxprocesses=4 --dist loadfile
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_WORKERS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest

@@ -2,8 +2,10 @@
 training, checkpoint saves, GRASP's merge, result writes, the summary) reruns to the
 end, redoes only unfinished work, and ends bit-identical to an uninterrupted run.
 
-Each point costs two subprocess runs (~1 min); CI runs three of them and the determinism
-check, `make test-kill` (or `pytest -m slow tests/test_kill.py`) runs all ten.
+Each point costs two subprocess runs (~40 s); CI runs three of them, `make test-kill` (or
+`pytest -m slow tests/test_kill.py`) runs all ten and the check that two fresh work
+folders agree (in CI, each resumed run already recomputes everything after its kill point
+in a second process and must equal the uninterrupted run).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     return outcome(workdir)
 
 
+@pytest.mark.slow
 def test_two_fresh_work_directories_give_bit_identical_results(uninterrupted, tmp_path):
     result = run(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

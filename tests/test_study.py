@@ -15,6 +15,7 @@ from tests.test_main import tiny_config
 def small_study(digits_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
     config = tiny_config(digits_dir)
+    config.trials = 1  # one run a variant: every code path, half the time of two
     config.study.update(thresholds=(-1.0, 0.3, 1.01), granularities=("tensor", "channel"))
     result = study.run_study(config, workdir, progress=False)
     return config, workdir, result
@@ -52,7 +53,7 @@ def test_every_variant_has_a_row_and_the_files_exist(small_study):
     _, workdir, result = small_study
     # grasp: 2 granularities x 2 modes x 3 thresholds; grasp_random: 2 x threshold 0.3
     assert len(result["rows"]) == 12 + 2
-    assert {r["n_runs"] for r in result["rows"]} == {2}  # one target x two trials
+    assert {r["n_runs"] for r in result["rows"]} == {1}  # one target x one trial
     out = workdir / "results" / "digits_drift"
     assert json.loads((out / "study.json").read_text())["rows"] == result["rows"]
     assert (out / "study.md").read_text().startswith("# digits_drift / small_cnn")
@@ -90,13 +91,13 @@ def test_the_random_control_moves_units_not_aligned_ones(small_study):
     folders = sorted(p.name for p in runs.glob("*grasp_random*"))
     assert folders == [
         "small-cnn_d2_grasp_random_30_channel_hard_trial1",
-        "small-cnn_d2_grasp_random_30_channel_hard_trial2",
         "small-cnn_d2_grasp_random_30_trial1",
-        "small-cnn_d2_grasp_random_30_trial2",
     ]
 
 
-def test_a_study_redirected_to_a_file_draws_no_progress_bars(digits_dir, tmp_path, monkeypatch):
+def test_a_study_redirected_to_a_file_draws_no_progress_bars(
+    digits_dir, tmp_path, monkeypatch
+):
     """The study passes no `progress=True` of its own: bars only on a terminal (#27)."""
     from experiments import runner
 
