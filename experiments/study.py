@@ -113,9 +113,13 @@ def run_study(config, workdir: Path, *, progress: bool | None = None) -> dict:
         )
     study = {"rows": rows, "config": config.to_dict(), "staged_finetuning": list(STAGED)}
     results_dir = workdir / "results" / config.dataset
-    title = f"{config.dataset} / {config.model}: what alignment adds"
-    report.write_study(results_dir, study, title)
+    report.write_study(results_dir, study, title(config))
     return study
+
+
+def title(config) -> str:
+    """The heading of study.md and study.png, and of the table the command prints."""
+    return f"{config.dataset} / {config.model}: what alignment adds"
 
 
 def main(argv: list[str]) -> None:
@@ -125,7 +129,7 @@ def main(argv: list[str]) -> None:
     config, workdir, study = cli.run_experiment_command(
         "experiments.study", run_study, check
     )
-    print(report.study_markdown(study, f"{config.dataset} / {config.model}"))
+    print(report.study_markdown(study, title(config)))
     print(f"results in {workdir / 'results' / config.dataset}/study.{{json,md,png}}")
 
 

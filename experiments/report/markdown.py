@@ -55,7 +55,7 @@ def _interval_text(entry: dict, digits: int = 1) -> str:
 def study_markdown(study: dict, title: str) -> str:
     """The study's table: one row per variant."""
     lines = [
-        f"# {title}: what alignment adds",
+        f"# {title}",
         "",
         "Test accuracy in % (mean [95 % Student t interval] over targets x trials), the "
         "mean share of parameters moved per merge, and the paired difference to staged "
