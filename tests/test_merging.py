@@ -370,3 +370,15 @@ def test_streaming_updates_are_pure_and_trace(trees, name):
     for a, b in zip(_numpy(state), before, strict=True):
         np.testing.assert_array_equal(a, b)
     assert isinstance(state, tuple) and hasattr(state, "_fields")  # a NamedTuple
+
+
+def test_fisher_names_the_fisher_tree_that_does_not_fit():
+    """A caller who passes Fishers of the wrong count or layout learns which one."""
+    sources = [{"w": jnp.ones(3)}, {"w": jnp.zeros(3)}]
+    fishers = [{"w": jnp.ones(3)}, {"w": jnp.ones(3)}]
+    with pytest.raises(ValueError, match=r"^2 sources but 1 Fisher trees$"):
+        merging.fisher(sources, fishers[:1])
+    with pytest.raises(ValueError, match=r"^fishers\[0\] and fishers\[1\] have different"):
+        merging.fisher(sources, [fishers[0], {"v": jnp.ones(3)}])
+    with pytest.raises(ValueError, match=r"^sources\[0\] and fishers\[0\] have different"):
+        merging.fisher(sources, [{"v": jnp.ones(3)}, {"v": jnp.ones(3)}])
