@@ -230,3 +230,15 @@ def test_presized_rows_give_the_batches_of_the_per_example_path(
             np.testing.assert_array_equal(a["image"], b["image"])
             np.testing.assert_array_equal(a["label"], b["label"])
             assert a["label"].dtype == b["label"].dtype
+
+
+def test_grayscale_images_decode_to_three_equal_channels():
+    """Raw 2-D arrays and encoded one-channel images become RGB, each channel the gray."""
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    want = np.stack([gray, gray, gray], axis=-1)
+    np.testing.assert_array_equal(np.asarray(ip.decode(gray)), want)
+    png = io.BytesIO()
+    Image.fromarray(gray).save(png, format="PNG")  # a one-channel ("L") PNG
+    decoded = ip.decode(png.getvalue())
+    assert decoded.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded), want)
