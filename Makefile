@@ -29,8 +29,9 @@ throughput: $(STAMP)
 
 # Lint, format check, then the test suite without the `slow` full-size versions (what
 # .ci/run calls); `make test-all` runs those too. Tests run in one worker process per
-# core (at most 4; 2-3 GiB each), a file's tests in the same worker so that its
-# module fixtures run once: most of a test's time is single-threaded XLA compilation.
+# core (at most 4, each with its own JAX runtime), a file's tests in the same worker so
+# that its module fixtures run once: much of a test's time is single-threaded XLA
+# compilation, which one process cannot spread over the cores.
 PYTEST_WORKERS := -n auto --maxprocesses=4 --dist loadfile
 test: $(STAMP)
 	$(BIN)/ruff check .

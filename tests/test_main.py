@@ -605,9 +605,11 @@ def test_a_dry_run_lists_the_runs_marks_finished_ones_and_writes_nothing(
     # More trials: the ten new runs cost what this folder's runs of each method took.
     more = config.copy_and_resolve_references()
     more.trials = 4
+    results = workdir / "results" / "digits_drift"  # other tests add runs beside these
     seconds = [
-        json.loads(p.read_text())["total_time_seconds"]
-        for p in (workdir / "results" / "digits_drift").glob("*/metrics.json")
+        json.loads((results / name / "metrics.json").read_text())["total_time_seconds"]
+        for method in config.methods
+        for name in (runner.run_name(config, "d2", method, t) for t in (1, 2))
     ]
     expected = sum(seconds)  # per method: two new trials at the mean of its two
     text = f"{expected / 60:.0f} min" if expected >= 60 else f"{expected:.0f} s"
