@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from grasp_jax import input_pipeline as ip
 from grasp_jax.tree_checks import PyTree, leaves_with_paths
 
 ITEMS = ("params", "batch_stats")
@@ -169,11 +170,9 @@ def restore_variables(
 
 
 def _placed(abstract: PyTree) -> PyTree:
-    """`abstract` with every leaf that names no sharding replicated over all devices."""
-    mesh = jax.make_mesh(
-        (jax.device_count(),), ("devices",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    """`abstract` with every leaf that names no sharding replicated over all devices, as
+    `loop.fit` places the training state."""
+    replicated, _ = ip.data_parallel()
 
     def place(leaf):
         if getattr(leaf, "sharding", None) is not None:
