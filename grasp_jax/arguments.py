@@ -75,6 +75,20 @@ def check_scalars(arguments: dict) -> None:
         raise ValueError(f"eps={eps:g}: use a small finite eps >= 0 (1e-8)")
 
 
+def check_fraction(name: str, value, *, one_allowed: bool = True) -> None:
+    """A concrete `value` in [0, 1] (or [0, 1) without `one_allowed`): TIES's keep,
+    DARE's drop rate. A percentage (20 for 0.2) would otherwise index past the sorted
+    magnitudes, or rescale by a negative factor, without an error."""
+    value = concrete(value)
+    if value is None:
+        return
+    if not (0.0 <= value <= 1.0 and (one_allowed or value < 1.0)):
+        interval = "[0, 1]" if one_allowed else "[0, 1)"
+        raise ValueError(
+            f"{name}={value:g}: use a fraction in {interval} (a percentage? 0.2, not 20)"
+        )
+
+
 def check_not_aliased(arguments: dict) -> None:
     """`current` is donated: an array it shares with another argument would be read
     after XLA reused its buffer."""

@@ -126,8 +126,33 @@ def test_ties_defaults_to_fusionbenchs_disjoint_sum():
         merging.streaming.ties(keep=1.0), base, [lambda s=s: s for s in sources]
     )
     np.testing.assert_allclose(streamed["w"], [1.8])
-    with pytest.raises(ValueError, match=r"aggregate='median'; use one of"):
-        merging.ties(base, sources, aggregate="median")
+    for ties in (merging.ties, lambda *_, **kw: merging.streaming.ties(**kw)):
+        with pytest.raises(ValueError, match=r"aggregate='median'; use one of"):
+            ties(base, sources, aggregate="median")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda b, s: merging.ties(b, s, keep=20), r"keep=20: use a fraction in \[0, 1\]"),
+        (lambda b, s: merging.ties(b, s, keep=-0.1), r"keep=-0.1: use a fraction"),
+        (lambda b, s: merging.streaming.ties(keep=1.2), r"keep=1.2: use a fraction"),
+        (
+            lambda b, s: merging.dare(b, s, key=jax.random.key(0), rate=1.0),
+            r"rate=1: use a fraction in \[0, 1\)",
+        ),
+        (
+            lambda b, s: merging.streaming.dare(jax.random.key(0), rate=50),
+            r"rate=50: use a fraction in \[0, 1\)",
+        ),
+    ],
+)
+def test_a_keep_or_drop_rate_outside_0_1_is_refused_by_name(call, message):
+    """keep=1.2 indexes the sorted magnitudes from the end (the same threshold as 0.2
+    for this arithmetic), rate=1 divides by zero: neither may merge silently."""
+    base = {"w": jnp.zeros(3)}
+    with pytest.raises(ValueError, match=message):
+        call(base, [{"w": jnp.ones(3)}])
 
 
 def test_magmax_breaks_equal_magnitudes_toward_the_later_source():
@@ -255,6 +280,11 @@ PAIRS = {
         merging.streaming.ties(keep=0.3),
         lambda b, s: merging.ties(b, s, keep=0.3),
     ),
+    "ties_mean": lambda: (
+        merging.streaming.ties(keep=0.3, aggregate="mean"),
+        lambda b, s: merging.ties(b, s, keep=0.3, aggregate="mean"),
+    ),
+    "ties_defaults": lambda: (merging.streaming.ties(), merging.ties),
     "dare": lambda: (
         merging.streaming.dare(key=jax.random.key(5), rate=0.3),
         lambda b, s: merging.dare(b, s, key=jax.random.key(5), rate=0.3),

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from grasp_jax.arguments import check_fraction
 from grasp_jax.tree_checks import PyTree, check_floating, check_same_structure
 
 
@@ -143,6 +144,7 @@ def ties(
     the TIES paper's equations, up to K times smaller steps)."""
     base, *sources = check_sources(sources, base)
     aggregate = check_aggregate(aggregate)
+    check_fraction("keep", keep)
     return _ties(base, sources, scale, keep=float(keep), aggregate=aggregate)
 
 
@@ -178,6 +180,7 @@ def dare(
     """DARE (Yu et al. 2024) then task arithmetic: source k's task vector is dropped and
     rescaled with fold_in(key, k). FusionBench's defaults: rate 0.5, scale 0.3."""
     base, *sources = check_sources(sources, base)
+    check_fraction("rate", rate, one_allowed=False)
     return _dare(base, sources, key, rate, scale)
 
 

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from grasp_jax.arguments import check_fraction
 from grasp_jax.merging import kernels
 from grasp_jax.tree_checks import PyTree, check_floating, check_same_structure
 
@@ -128,6 +129,7 @@ def magmax(scale=0.5) -> StreamingMerger:
 
 def dare(key: jax.Array, rate=0.5, scale=0.3) -> StreamingMerger:
     """Task arithmetic over DARE-dropped task vectors (source k: fold_in(key, k))."""
+    check_fraction("rate", rate, one_allowed=False)
 
     def init(base):
         check_floating(("base",), base)
@@ -177,6 +179,7 @@ def ties(keep=0.2, scale=0.3, aggregate="sum") -> StreamingMerger:
     """TIES in two passes: sign mass, then the disjoint sum (or mean) of the agreeing
     entries (`kernels.ties`). `keep` fixes an index, so it is a Python float."""
     keep = float(keep)
+    check_fraction("keep", keep)
     aggregate = kernels.check_aggregate(aggregate)
 
     def init(base):
