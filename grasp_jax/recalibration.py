@@ -19,8 +19,12 @@ from grasp_jax import objective
 from grasp_jax.tree_checks import PyTree
 
 
-@functools.partial(jax.jit, static_argnames="model", donate_argnames="batch_stats")
-def _update(model: nn.Module, params: PyTree, batch_stats: PyTree, images, rng):
+@functools.partial(
+    jax.jit, static_argnames=("model", "pipeline"), donate_argnames="batch_stats"
+)
+def _update(model: nn.Module, pipeline, params: PyTree, batch_stats: PyTree, images, rng):
+    # normalised inside the program: one dispatch per batch, not one per eager op
+    images = ip.normalize(images, pipeline)
     return objective.forward(model, params, batch_stats, images, train=True, rng=rng)[1]
 
 
@@ -43,9 +47,10 @@ def recalibrate(
     while done < updates:
         batches = ip.dataset(split, pipeline, train=False, shard_index=0, shard_count=1)
         for batch in batches:
-            images = ip.normalize(batch["image"], pipeline)
             rng = jax.random.fold_in(key, done)
-            stats = _update(model, variables["params"], stats, images, rng)
+            stats = _update(
+                model, pipeline, variables["params"], stats, batch["image"], rng
+            )
             done += 1
             if done == updates:
                 break
