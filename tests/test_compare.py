@@ -160,3 +160,24 @@ def test_grasp_variants_are_rows_of_their_own_and_collisions_are_named(tmp_path,
     write_run(root, "mobilevit-xxs_year_3-4_grasp_30_trial1", nan)
     compare.read_runs(root)
     assert "test accuracy is nan" in caplog.text
+
+
+def test_the_table_is_the_header_and_one_line_per_row():
+    """The whole text for one ensemble run per side, written by hand: a method without
+    threshold or hyperparameters is its bare name."""
+    record = reference_record("year_1-2", 1, 0.75, 0.5) | {"method": "ensemble"}
+    del record["hyperparameters"]
+    ours = {compare.run_key(record): record}
+    reference = {compare.run_key(record): record}
+    assert compare.markdown(compare.compare(ours, reference)) == (
+        "Test metrics in %, mean ± population std over trials (n); Δ: ours minus the "
+        "reference, in points; time in minutes, peak memory in GiB.\n"
+        "\n"
+        "| dataset | model | method | target | accuracy ours | accuracy reference | Δ "
+        "| F1 ours | F1 reference | AUROC ours | AUROC reference | minutes ours / ref "
+        "| peak GB ours / ref |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| clear10 | mobilevit_xxs | ensemble | year_1-2 | 75.0 ± 0.0 (1) "
+        "| 75.0 ± 0.0 (1) | +0.0 | 50.0 ± 0.0 (1) | 50.0 ± 0.0 (1) | 90.0 ± 0.0 (1) "
+        "| 90.0 ± 0.0 (1) | 2.00 / 2.00 | 3.00 / 3.00 |\n"
+    )
