@@ -412,3 +412,47 @@ def test_fisher_names_the_fisher_tree_that_does_not_fit():
         merging.fisher(sources, [fishers[0], {"v": jnp.ones(3)}])
     with pytest.raises(ValueError, match=r"^sources\[0\] and fishers\[0\] have different"):
         merging.fisher(sources, [{"v": jnp.ones(3)}, {"v": jnp.ones(3)}])
+
+
+@pytest.mark.parametrize(
+    ("merger", "start", "sources", "message"),
+    [
+        ("soup", "ok", [], r"^merge_streaming needs at least one source loader; got none"),
+        (
+            "soup",
+            "ok",
+            ["ok", "other"],
+            r"^sources\[1\]: the tree the merge started from and a source have different",
+        ),
+        (
+            "soup",
+            "ok",
+            ["ok", "int"],
+            r"^sources\[1\]: leaf 'w' of a source has dtype int32",
+        ),
+        ("ties", "int", ["ok"], r"^leaf 'w' of base has dtype int32"),
+        ("fisher", "int", [("ok", "ok")], r"^leaf 'w' of start has dtype int32"),
+        (
+            "fisher",
+            "ok",
+            [("ok", "ok"), ("ok", "other")],
+            r"^sources\[1\]: the source's params and its Fisher have different tree",
+        ),
+    ],
+)
+def test_a_bad_streamed_tree_is_named_with_its_index(merger, start, sources, message):
+    trees = {
+        "ok": lambda: {"w": jnp.ones(3)},
+        "other": lambda: {"v": jnp.ones(3)},
+        "int": lambda: {"w": jnp.ones(3, jnp.int32)},
+    }
+
+    def tree(name):
+        return tuple(trees[n]() for n in name) if isinstance(name, tuple) else trees[name]()
+
+    with pytest.raises(ValueError, match=message):
+        merging.merge_streaming(
+            getattr(merging.streaming, merger)(),
+            tree(start),
+            [lambda s=s: tree(s) for s in sources],
+        )

@@ -228,7 +228,10 @@ def merge_streaming(
     state = merger.init(start)
     for pass_index in range(merger.passes):
         for index, load in enumerate(loaders):
-            state = update(state, load(), base, index, pass_index)
+            try:
+                state = update(state, load(), base, index, pass_index)
+            except ValueError as err:  # traced, `index` cannot name the source itself
+                raise ValueError(f"sources[{index}]: {err}") from err
     if merger.from_base:
         return jax.jit(merger.finish)(state, start)
     return merger.finish(state, start)  # `start` may be abstract: shapes and dtypes
