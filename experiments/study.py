@@ -50,7 +50,7 @@ def check(config) -> None:
     """One line naming the `config.study` key that cannot work."""
     from experiments.settings import ConfigError
     from grasp_jax.alignment import GRANULARITIES
-    from grasp_jax.grasp import NOTHING_MOVES
+    from grasp_jax.arguments import NOTHING_MOVES, threshold_in_range
     from grasp_jax.transfer import MODES
 
     study = config.study
@@ -60,7 +60,7 @@ def check(config) -> None:
             raise ConfigError(
                 f"study.{key}={'+'.join(study[key])}: choose from {'+'.join(allowed)}"
             )
-    bad = [t for t in study.thresholds if not -1.0 <= float(t) <= NOTHING_MOVES]
+    bad = [t for t in study.thresholds if not threshold_in_range(float(t))]
     if bad or not study.thresholds:
         raise ConfigError(
             f"study.thresholds: {bad or 'empty'}; cosine thresholds lie in "

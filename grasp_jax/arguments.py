@@ -55,6 +55,13 @@ def concrete(value) -> float | None:
     return None
 
 
+def threshold_in_range(threshold: float) -> bool:
+    """The one range every entry point accepts: [-1, 1] holds every cosine score, and
+    NOTHING_MOVES lies above them all."""
+    low, high = THRESHOLD_RANGE
+    return low <= threshold <= high
+
+
 def check_merge_arguments(arguments: dict) -> None:
     """`check_scalars`, and nothing of the donated `current` shared with another input."""
     check_scalars(arguments)
@@ -64,8 +71,8 @@ def check_merge_arguments(arguments: dict) -> None:
 def check_scalars(arguments: dict) -> None:
     """threshold in [-1, 1.01], eps finite and >= 0."""
     threshold = concrete(arguments.get("threshold"))
-    low, high = THRESHOLD_RANGE
-    if threshold is not None and not low <= threshold <= high:
+    if threshold is not None and not threshold_in_range(threshold):
+        low, high = THRESHOLD_RANGE
         raise ValueError(
             f"threshold={threshold:g}: cosine scores lie in [-1, 1]; use a threshold in "
             f"[{low:g}, {high:g}] ({high:g}: nothing moves; a percentage? 0.3, not 30)"

@@ -30,7 +30,7 @@ import numpy as np
 from grasp_jax import evaluation, loop, memory, objective, recipe, seeding
 from grasp_jax import input_pipeline as ip
 from grasp_jax.alignment import GRANULARITIES
-from grasp_jax.arguments import NOTHING_MOVES
+from grasp_jax.arguments import NOTHING_MOVES, threshold_in_range
 from grasp_jax.stage import RULES, grasp_stage
 from grasp_jax.transfer import MODES
 from grasp_jax.tree_checks import PyTree, leaves_with_paths
@@ -66,10 +66,10 @@ class GraspConfig:
                 raise ValueError(
                     f"grasp.{name}={getattr(self, name)!r}; use one of {list(valid)}"
                 )
-        if not (-1.0 <= self.threshold <= 1.0 or self.threshold == NOTHING_MOVES):
+        if not threshold_in_range(self.threshold):
             raise ValueError(
-                f"grasp.threshold={self.threshold!r}; a cosine threshold lies in [-1, 1] "
-                f"(or {NOTHING_MOVES}: nothing moves)"
+                f"grasp.threshold={self.threshold!r}; a cosine threshold lies in "
+                f"[-1, {NOTHING_MOVES}] ({NOTHING_MOVES}: nothing moves)"
             )
         for name in ("initial_epochs", "finetune_epochs", "num_alignment_batches"):
             value = getattr(self, name)

@@ -853,3 +853,27 @@ def test_data_build_ends_a_user_error_in_one_line(tmp_path, args, message):
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().startswith("data.build: "), result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize(("threshold", "accepted"), [(1.005, True), (1.02, False)])
+def test_every_entry_point_accepts_the_same_thresholds(digits_dir, threshold, accepted):
+    """The kernels, `GraspConfig` and the study's grid: [-1, 1.01], so a value one of
+    them runs is never refused by another (GraspConfig refused (1, 1.01) alone)."""
+    from experiments import study
+    from grasp_jax.arguments import check_scalars
+    from grasp_jax.grasp import GraspConfig
+
+    config = digits.get_config()
+    config.data_dir = str(digits_dir)
+    config.study.thresholds = (threshold,)
+    checks = [
+        lambda: check_scalars({"threshold": threshold}),
+        lambda: GraspConfig(threshold=threshold),
+        lambda: study.check(config),
+    ]
+    for check in checks:
+        if accepted:
+            check()
+        else:
+            with pytest.raises(ValueError, match=r"1\.02"):
+                check()
