@@ -126,6 +126,9 @@ def test_ties_defaults_to_fusionbenchs_disjoint_sum():
         merging.streaming.ties(keep=1.0), base, [lambda s=s: s for s in sources]
     )
     np.testing.assert_allclose(streamed["w"], [1.8])
+    # an entry of exactly 1 agrees like any other: +1 and +3 against -1
+    ones = [{"w": jnp.array([v])} for v in (1.0, 3.0, -1.0)]
+    np.testing.assert_allclose(merging.ties(base, ones, keep=1.0)["w"], [1.2])
     for ties in (merging.ties, lambda *_, **kw: merging.streaming.ties(**kw)):
         with pytest.raises(ValueError, match=r"aggregate='median'; use one of"):
             ties(base, sources, aggregate="median")
@@ -285,6 +288,10 @@ PAIRS = {
         lambda b, s: merging.ties(b, s, keep=0.3, aggregate="mean"),
     ),
     "ties_defaults": lambda: (merging.streaming.ties(), merging.ties),
+    "dare_defaults": lambda: (
+        merging.streaming.dare(jax.random.key(5)),
+        lambda b, s: merging.dare(b, s, key=jax.random.key(5)),
+    ),
     "dare": lambda: (
         merging.streaming.dare(key=jax.random.key(5), rate=0.3),
         lambda b, s: merging.dare(b, s, key=jax.random.key(5), rate=0.3),
