@@ -506,12 +506,15 @@ def test_past_sources_only_use_earlier_bins():
 
 def test_two_processes_compute_the_same_results(experiment, digits_dir, tmp_path):
     """`python -m experiments.main` as a two-process job (gloo): both processes print
-    the same summary, and the files on disk hold it. The sources come from `experiment`
-    (same settings: reused after their checks); test_data_parallel trains in two
-    processes."""
+    the same summary, and the files on disk hold it. The sources and their matrix come
+    from `experiment` (same settings: reused after their checks); test_data_parallel
+    trains in two processes."""
     from tests.test_data_parallel import free_port
 
     shutil.copytree(experiment[1] / "sources", tmp_path / "sources")
+    results = tmp_path / "results/digits_drift"
+    results.mkdir(parents=True)
+    shutil.copy(experiment[1] / "results/digits_drift/source_matrix.json", results)
 
     port = free_port()
     command = [
