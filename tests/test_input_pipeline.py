@@ -242,3 +242,12 @@ def test_grayscale_images_decode_to_three_equal_channels():
     decoded = ip.decode(png.getvalue())
     assert decoded.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(decoded), want)
+
+
+def test_pipeline_values_at_the_edges_of_their_ranges():
+    """The documented ranges are closed: a 1-pixel crop and a hue shift of 0.5 are
+    accepted; a negative jitter strength names its key."""
+    ip.PipelineConfig(resize_size=1, crop_size=1, hue=0.5)
+    for name in ("brightness", "contrast", "saturation"):
+        with pytest.raises(ValueError, match=rf"^pipeline\.{name}=-0\.1; use >= 0$"):
+            ip.PipelineConfig(**{name: -0.1})
