@@ -103,6 +103,34 @@ def test_logit_average_is_the_mean_of_the_members(cnn):
             np.testing.assert_allclose(got[i], want, atol=1e-5)
 
 
+def test_logit_average_stacks_each_model_once_in_its_dtype_and_names_a_misfit(cnn):
+    """Each loader is called once (one model alive beside the stack), the stack keeps
+    the members' dtypes, `apply` defaults to eval mode, and a model of another
+    structure is named by its index."""
+    model, members, images = cnn
+    calls = []
+
+    def loader(k):
+        calls.append(k)
+        return members[k]
+
+    stacked = logit_average.stack([lambda k=k: loader(k) for k in range(3)])
+    assert calls == [0, 1, 2]
+    assert {x.dtype for x in jax.tree.leaves(stacked)} == {jnp.dtype(jnp.float32)}
+    halves = jax.tree.map(lambda x: x.astype(jnp.bfloat16), members[0])
+    stacked_halves = logit_average.stack([lambda: halves])
+    assert {x.dtype for x in jax.tree.leaves(stacked_halves)} == {jnp.dtype(jnp.bfloat16)}
+    fused = logit_average.LogitAverage(model)
+    np.testing.assert_array_equal(
+        fused.apply(stacked, images), fused.apply(stacked, images, train=False)
+    )
+    other = models.init("small_cnn", 5, jax.random.key(0), (1, 32, 32, 3))
+    with pytest.raises(
+        ValueError, match=r"\(10,\) in models\[0\] but \(5,\) in models\[1\]"
+    ):
+        logit_average.stack([lambda: members[0], lambda: other])
+
+
 class Toy(nn.Module):
     """A strided convolution, a dense layer and a head: two adapter sites."""
 
