@@ -1,11 +1,10 @@
 """Checks of the kernels' arguments where they are concrete: a threshold or eps given as
 a Python or NumPy scalar (and the merges' keep or drop rate), and the donated `current`
-at a top-level call. A mistake (a
-threshold of 30 for 0.3, `source` passed as `current`) is a ValueError naming the
-argument, not a silent merge or an XLA donation error. Traced values (inside a caller's
-`jit`, `scan` or `vmap`) and device arrays pass unchecked, as reading them would mean a
-host read: the documented ranges are then the caller's contract (nested jits do not
-donate, so aliasing is harmless there)."""
+at a top-level call. A mistake (a threshold of 30 for 0.3, `source` passed as `current`)
+is a ValueError naming the argument, not a silent merge or an XLA donation error. Traced
+values (inside a caller's `jit`, `scan` or `vmap`) and device arrays pass unchecked, as
+reading them would mean a host read: the documented ranges are then the caller's
+contract (nested jits do not donate, so aliasing is harmless there)."""
 
 from __future__ import annotations
 

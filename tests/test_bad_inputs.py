@@ -856,7 +856,7 @@ def test_data_build_ends_a_user_error_in_one_line(tmp_path, args, message):
 
 
 @pytest.mark.parametrize(("threshold", "accepted"), [(1.005, True), (1.02, False)])
-def test_every_entry_point_accepts_the_same_thresholds(digits_dir, threshold, accepted):
+def test_every_entry_point_accepts_the_same_thresholds(threshold, accepted):
     """The kernels, `GraspConfig` and the study's grid: [-1, 1.01], so a value one of
     them runs is never refused by another (GraspConfig refused (1, 1.01) alone)."""
     from experiments import study
@@ -864,7 +864,6 @@ def test_every_entry_point_accepts_the_same_thresholds(digits_dir, threshold, ac
     from grasp_jax.grasp import GraspConfig
 
     config = digits.get_config()
-    config.data_dir = str(digits_dir)
     config.study.thresholds = (threshold,)
     checks = [
         lambda: check_scalars({"threshold": threshold}),
