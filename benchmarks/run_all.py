@@ -43,16 +43,27 @@ def machine() -> dict:
     if cpuinfo.exists():
         found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
         cpu = found.group(1).strip() if found else cpu
-    import jax
-
-    device = jax.devices()[0]
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-        "device": f"{device.platform}: {device.device_kind} x {jax.device_count()}",
+        "device": accelerator(),
         "python": platform.python_version(),
     }
+
+
+def accelerator() -> str:
+    """The default JAX device, asked in a child process: a parent that starts JAX on a GPU
+    holds 75 % of its memory (JAX preallocates) while every benchmark it then starts has
+    to live in the rest."""
+    ask = (
+        "import jax; d = jax.devices()[0]; "
+        "print(f'{d.platform}: {d.device_kind} x {jax.device_count()}')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", ask], capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip().splitlines()[-1]
 
 
 def versions() -> dict:

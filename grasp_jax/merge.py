@@ -71,7 +71,8 @@ def merge_step(
     gradient in both). `current` is donated at top level: its buffers
     become the merged tree, so do not use it afterwards (copy it first if you must);
     drop your last reference to `source` and no second model outlives the call.
-    Whole-tensor hard transfers copy a leaf only where the source's is taken.
+    On the CPU a whole-tensor hard transfer copies a leaf only where the source's is
+    taken; on accelerators it selects (a GPU conditional would stall on the host).
     `threshold` and `eps` are traced (changing them never recompiles); `granularity`
     and `mode` are static. Pass `params` only: BatchNorm statistics are not parameters
     and must not move.

@@ -73,6 +73,20 @@ def source_weight(score: jax.Array, threshold, mode: str) -> jax.Array:
     return jnp.where(finite, weight, 0.0)
 
 
+def _copy_if_taken(taken, source, current):
+    """One decision for a whole leaf, on the CPU: a conditional copies the source only
+    when it is taken (a select reads both leaves and writes one every time). Under vmap
+    the predicate is batched and this becomes that select."""
+    return jax.lax.cond(taken, lambda: source, lambda: current)
+
+
+def _select(taken, source, current):
+    """The same decision on an accelerator, as a select: a GPU conditional waits for its
+    predicate on the host, one stall per leaf (H200: 24 ms for MobileViT-XXS's 251 leaves,
+    where reading and writing them takes 0.01 ms)."""
+    return jnp.where(taken, source, current)
+
+
 def _transfer_leaf(current, source, score, threshold, mode):
     """Returns (new leaf, per-unit weight, elements taken, weight summed over elements)."""
     weight = source_weight(score, threshold, mode)
@@ -80,10 +94,9 @@ def _transfer_leaf(current, source, score, threshold, mode):
     weight_sum = jnp.sum(weight) * per_unit
     taken = jnp.sum(weight > 0, dtype=jnp.int32) * per_unit
     if mode == "hard" and weight.ndim == 0:
-        # One decision for the whole leaf: a conditional copies the source only when
-        # it is taken (a select would read both leaves and write one every time).
-        # Under vmap the predicate is batched and this becomes that select.
-        new = jax.lax.cond(weight > 0, lambda: source, lambda: current)
+        new = jax.lax.platform_dependent(
+            weight > 0, source, current, cpu=_copy_if_taken, default=_select
+        )
         return new, weight, taken, weight_sum
     if mode == "hard":
         return jnp.where(weight > 0, source, current), weight, taken, weight_sum

@@ -4,12 +4,14 @@ caller's jit, scan and vmap, with traced scalars, no host transfer, and no recom
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 from jax._src.interpreters import pxla
 
 import grasp_jax as gj
@@ -171,6 +173,39 @@ def test_no_host_transfer_in_a_jitted_merge_step_or_stage():
     c = copy(cur)
     with jax.transfer_guard("disallow"):
         jax.block_until_ready(stage(c, src, batches, threshold=threshold))
+
+
+def data_dependent_conditionals(module: str) -> int:
+    """Conditionals in a StableHLO module that choose between parameter-sized values:
+    `stablehlo.case` ops with more than one branch and a floating-point result. (A
+    platform choice made at lowering leaves one-branch cases and integer ones.)"""
+    cases = re.finditer(
+        r'"stablehlo\.case"\(%[\w#]+\) \(\{(.*?)\}\) '
+        r": \(tensor<i32>\) -> \(?tensor<([^>]*)>",
+        module,
+        re.DOTALL,
+    )
+    return sum(1 for c in cases if "}, {" in c.group(1) and c.group(2).endswith("f32"))
+
+
+def test_a_whole_tensor_merge_has_no_conditional_on_an_accelerator():
+    """On a GPU a conditional waits for its predicate on the host, once per leaf, so
+    tensor/hard merges lower to selects there; the CPU keeps its copy-if-taken
+    conditionals. Checked on the exported programs, which the CPU can lower for any
+    platform."""
+    current, source, g_cur, g_src = trees(8)
+
+    def step(c, s, a, b):
+        return gj.merge_step(c, s, a, b, threshold=0.3)
+
+    def module(platform: str) -> str:
+        exported = export.export(jax.jit(step), platforms=[platform])
+        return exported(current, source, g_cur, g_src).mlir_module()
+
+    assert data_dependent_conditionals(module("cpu")) == len(SHAPES)
+    assert data_dependent_conditionals(module("cuda")) == 0
+    assert data_dependent_conditionals(module("rocm")) == 0
+    assert data_dependent_conditionals(module("tpu")) == 0
 
 
 def test_a_stage_is_one_program_and_new_thresholds_do_not_recompile(compile_count):
