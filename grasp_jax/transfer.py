@@ -82,8 +82,8 @@ def _copy_if_taken(taken, source, current):
 
 def _select(taken, source, current):
     """The same decision on an accelerator, as a select: a GPU conditional waits for its
-    predicate on the host, one stall per leaf (H200: 24 ms for MobileViT-XXS's 251 leaves,
-    where reading and writing them takes 0.01 ms)."""
+    predicate on the host, one stall per leaf (H200, MobileViT-XXS's 251 leaves:
+    merge_step 24 ms with conditionals, 14 ms with selects; the bandwidth bound 0.01 ms)."""
     return jnp.where(taken, source, current)
 
 
