@@ -251,3 +251,42 @@ def test_pipeline_values_at_the_edges_of_their_ranges():
     for name in ("brightness", "contrast", "saturation"):
         with pytest.raises(ValueError, match=rf"^pipeline\.{name}=-0\.1; use >= 0$"):
             ip.PipelineConfig(**{name: -0.1})
+
+
+def test_only_rgb_uint8_arrays_at_the_resize_size_skip_pil(monkeypatch):
+    """An HWC uint8 RGB array whose shorter side is already `resize_size` goes straight to
+    the crop; any other image (longer side at that size, float, RGBA, grayscale, a list)
+    is decoded and resized first, as PIL alone would do it (the reference here)."""
+    config = ip.PipelineConfig(resize_size=8, crop_size=8)
+    rgb = np.random.default_rng(5).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    short = rgb[:6, :8]  # 6 x 8: the longer side is at the size, the shorter is not
+    resized = []
+    real = ip.resize_shorter_side
+    monkeypatch.setattr(
+        ip,
+        "resize_shorter_side",
+        lambda image, size: resized.append(1) or real(image, size),
+    )
+
+    out = ip.host_transform({"image": rgb, "label": 3}, config, None)
+    assert not resized
+    np.testing.assert_array_equal(out["image"], rgb[:, 2:10])  # centred: (12 - 8) / 2
+    assert out["label"] == 3 and out["label"].dtype == np.int32
+
+    def pil(array):
+        return np.asarray(Image.fromarray(array).convert("RGB"))
+
+    upscaled = np.asarray(Image.fromarray(short).resize((10, 8), Image.Resampling.BILINEAR))
+    others = {
+        "shorter side 6": (short, upscaled[:, 1:9]),
+        "float32": (rgb.astype(np.float32), rgb[:, 2:10]),
+        "rgba": (np.dstack([rgb, np.full((8, 12), 9, np.uint8)]), rgb[:, 2:10]),
+        "grayscale": (rgb[..., 0], pil(rgb[..., 0])[:, 2:10]),
+        "list": (rgb.tolist(), rgb[:, 2:10]),
+    }
+    for name, (image, expected) in others.items():
+        resized.clear()
+        out = ip.host_transform({"image": image, "label": 1}, config, None)
+        assert resized == [1], name
+        assert out["image"].dtype == np.uint8, name
+        np.testing.assert_array_equal(out["image"], expected, err_msg=name)
