@@ -181,3 +181,50 @@ def test_the_table_is_the_header_and_one_line_per_row():
         "| 75.0 ± 0.0 (1) | +0.0 | 50.0 ± 0.0 (1) | 50.0 ± 0.0 (1) | 90.0 ± 0.0 (1) "
         "| 90.0 ± 0.0 (1) | 2.00 / 2.00 | 3.00 / 3.00 |\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("{not json", "JSONDecodeError"),
+        ("[0.8]", "TypeError"),
+        ('{"dataset": "clear10"}', "KeyError"),
+        (json.dumps(our_record("year_1-2", "first", 0.8, 0.7)), "ValueError"),
+        (json.dumps(our_record("year_1-2", 1, "high", 0.7)), "ValueError"),
+    ],
+)
+def test_a_file_that_is_no_runs_metrics_is_named_with_why(tmp_path, content, why):
+    path = tmp_path / "results" / "clear10" / "run" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(ConfigError) as raised:
+        compare.read_runs(tmp_path)
+    assert str(raised.value).startswith(f"{path} is not a run's metrics.json ({why}(")
+
+
+def test_the_results_folder_or_the_folder_holding_it_and_nothing_else(trees):
+    _, ours = trees
+    assert compare.read_runs(ours / "results") == compare.read_runs(ours)
+    for missing in (ours / "nowhere", next(ours.glob("results/*/*/metrics.json"))):
+        with pytest.raises(ConfigError, match="is not a folder of results"):
+            compare.read_runs(missing)
+
+
+def test_metrics_a_run_lacks_are_left_out_of_its_means_not_counted_as_zero(tmp_path):
+    root = tmp_path / "ours"
+    records = [our_record("year_1-2", trial, 0.6 + 0.1 * trial, 0.5) for trial in (1, 2, 3)]
+    del records[1]["test_metrics"]["f1_score"], records[1]["gpu_memory"]
+    del records[2]["total_time_minutes"]
+    records[0]["total_time_minutes"] = 4.0
+    records[2]["test_metrics"]["f1_score"] = 0.8
+    for record in records:
+        write_run(root, f"mobilevit-xxs_year_1-2_grasp_30_trial{record['trial']}", record)
+    (row,) = compare.compare(compare.read_runs(root), {})
+    assert row["ours_trials"] == 3 and row["reference_trials"] == 0
+    assert row["ours_accuracy_mean"] == pytest.approx(0.8)  # 0.7, 0.8, 0.9
+    assert row["ours_f1_score_mean"] == pytest.approx(0.65)  # 0.5 and 0.8; trial 2 has none
+    assert row["ours_f1_score_std"] == pytest.approx(0.15)
+    assert row["ours_minutes"] == pytest.approx(2.5)  # 4 and 1; trial 3 has none
+    assert row["ours_peak_gb"] == pytest.approx(1.0)
+    assert row["reference_accuracy_mean"] is None and row["reference_minutes"] is None
+    assert row["accuracy_difference_points"] is None
