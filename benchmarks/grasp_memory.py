@@ -43,11 +43,11 @@ SETUPS = {  # model: (classes, image size, model keywords, split slices)
 }
 BATCH = 32
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # experiments/ and data/ run from the checkout
 
 
 def has_torch_side(model_name: str) -> bool:
     """Whether the PyTorch side can build `model_name` (the zoo's HF architectures)."""
-    sys.path.insert(0, str(ROOT))
     from grasp_jax.torch_models import HF_CONFIGS
 
     return model_name in HF_CONFIGS
@@ -128,7 +128,6 @@ def torch_child(k: int, model_name: str, ckpt_dir: str) -> None:
     import safetensors.torch
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from grasp_jax.torch_models import hf_model
 
     classes, size, _, _ = SETUPS[model_name]
@@ -190,7 +189,6 @@ def make_sources(model_name: str, count: int, ckpt_dir: Path) -> int:
     import safetensors.torch
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from grasp_jax import checkpoints, models
     from grasp_jax.torch_models import hf_model
 
