@@ -143,22 +143,26 @@ def dataset(
     held = None
     if config.crop_size == config.resize_size:
         held = presized.arrays(split, config.crop_size)
-    ds = grain.MapDataset.source(split if held is None else range(len(split)))
-    if train:
-        ds = ds.shuffle(seed=hash_seed(seed, epoch, 0))
-        if held is None:
-            ds = ds.random_map(
-                lambda ex, rng: host_transform(ex, config, rng),
-                seed=hash_seed(seed, epoch, 1),
-            )
-    elif held is None:
-        ds = ds.map(lambda ex: host_transform(ex, config, None))
     local = local_batch_size(config.batch_size, shard_count)
+    if held is not None:
+        if train:
+            rows = presized.shuffled_rows(len(split), hash_seed(seed, epoch, 0))
+        else:
+            rows = np.arange(len(split))
+        if shard_count > 1:
+            rows = _BatchRows(rows, shard_index, shard_count, local, partial=not train)
+        return grain.MapDataset.source(presized.Batches(held, rows, local, train))
+    ds = grain.MapDataset.source(split)
+    if train:
+        ds = ds.shuffle(seed=hash_seed(seed, epoch, 0)).random_map(
+            lambda ex, rng: host_transform(ex, config, rng),
+            seed=hash_seed(seed, epoch, 1),
+        )
+    else:
+        ds = ds.map(lambda ex: host_transform(ex, config, None))
     if shard_count > 1:
         rows = _BatchRows(ds, shard_index, shard_count, local, partial=not train)
         ds = grain.MapDataset.source(rows)
-    if held is not None:
-        return grain.MapDataset.source(presized.Batches(held, ds, local, train))
     return ds.batch(local, drop_remainder=train)
 
 

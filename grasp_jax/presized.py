@@ -9,8 +9,10 @@ small model's step) and stays on the host, outside any traced program.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import grain
 import numpy as np
 
 MAX_BYTES = 256 * 2**20  # larger splits stream through grain as before
@@ -53,13 +55,28 @@ def _presized(row, size: int) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def shuffled_rows(n: int, seed: int) -> np.ndarray:
+    """grain's shuffle of rows 0..n-1 under `seed`, computed once per (n, seed): grain
+    draws every index on its own (~50 us each on a 2-core CPU, 30 ms an epoch of 600
+    rows), and the methods of one run replay the same epochs' orders."""
+    shuffled = grain.MapDataset.source(range(n)).shuffle(seed=seed)
+    order = np.fromiter((shuffled[i] for i in range(n)), np.int64, count=n)
+    order.flags.writeable = False
+    return order
+
+
 class Batches(Sequence):
     """Batches of `local` rows of `data`, in the row order `indices` (a sequence of row
     numbers); the last partial batch kept unless `drop_remainder`."""
 
     def __init__(self, data, indices: Sequence, local: int, drop_remainder: bool):
         self.data = data
-        self.order = np.fromiter((indices[i] for i in range(len(indices))), np.int64)
+        if isinstance(indices, np.ndarray):
+            self.order = indices.astype(np.int64, copy=False)
+        else:
+            rows = map(indices.__getitem__, range(len(indices)))
+            self.order = np.fromiter(rows, np.int64)
         self.local = local
         full, rest = divmod(len(self.order), local)
         self.length = full + (1 if rest and not drop_remainder else 0)
