@@ -9,6 +9,8 @@ import numpy as np
 
 from grasp_jax import files
 
+CONFUSION_CELL_PX = 44  # a cell of the confusion matrix pictures, in pixels
+
 
 def pyplot():
     import matplotlib
@@ -28,31 +30,56 @@ def save_figure(fig, path: Path) -> None:
 def confusion_matrix_png(
     matrix: list[list[int]], class_names: list[str], path: Path, title: str
 ) -> None:
-    """Row-normalised confusion matrix with two-decimal cells, as the reference draws it."""
-    plt = pyplot()
+    """Row-normalised confusion matrix with two-decimal cells, as the reference draws it.
+
+    Drawn with PIL in matplotlib's colours and font: matplotlib lays out every cell's
+    label as an artist (0.24 s a 10-class matrix on a 2-core CPU, two a run: a tenth of
+    `make run`'s job), PIL writes the same picture in a few milliseconds."""
+    from matplotlib import colormaps, font_manager
+    from PIL import Image, ImageDraw, ImageFont
+
     counts = np.asarray(matrix, np.float64)
     rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(
-        figsize=(1 + 0.5 * len(class_names), 1 + 0.45 * len(class_names))
+    n = len(class_names)
+    font_file = font_manager.findfont("DejaVu Sans")
+    font, big = ImageFont.truetype(font_file, 14), ImageFont.truetype(font_file, 18)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    names = max(measure.textlength(str(name), font=font) for name in class_names)
+    cell, pad, line = CONFUSION_CELL_PX, 8, 22
+    left = int(line + pad + names + pad)  # the axis title, then the row names
+    top = line + 2 * pad
+    grid = n * cell
+    width = max(left + grid + pad, int(measure.textlength(title, font=big)) + 2 * pad)
+    height = top + grid + pad + int(names) + pad + line + pad
+    image = Image.new("RGB", (width, height), "white")
+    colours = (colormaps["Blues"](rows)[..., :3] * 255).round().astype(np.uint8)
+    cells = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
+    image.paste(Image.fromarray(cells), (left, top))
+    draw = ImageDraw.Draw(image)
+    for i in range(n):
+        for j in range(n):
+            centre = (left + j * cell + cell // 2, top + i * cell + cell // 2)
+            ink = "white" if rows[i, j] > 0.5 else "black"
+            draw.text(centre, f"{rows[i, j]:.2f}", fill=ink, font=font, anchor="mm")
+        name_at = (left - pad, top + i * cell + cell // 2)
+        draw.text(name_at, str(class_names[i]), fill="black", font=font, anchor="rm")
+    draw.text((width // 2, pad), title, fill="black", font=big, anchor="mt")
+    # column names read upwards under their columns, as matplotlib's rotation=90
+    columns = Image.new("RGB", (int(names) + pad, grid), "white")
+    column_draw = ImageDraw.Draw(columns)
+    for j, name in enumerate(class_names):
+        at = (columns.width, j * cell + cell // 2)
+        column_draw.text(at, str(name), fill="black", font=font, anchor="rm")
+    image.paste(columns.rotate(90, expand=True), (left, top + grid + pad // 2))
+    draw.text(
+        (left + grid // 2, height - pad), "predicted", fill="black", font=font, anchor="md"
     )
-    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(class_names)):
-        for j in range(len(class_names)):
-            ax.text(
-                j,
-                i,
-                f"{rows[i, j]:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if rows[i, j] > 0.5 else "black",
-            )
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    save_figure(fig, path)
+    axis_title = Image.new("RGB", (grid, line), "white")
+    ImageDraw.Draw(axis_title).text(
+        (grid // 2, line // 2), "true", fill="black", font=font, anchor="mm"
+    )
+    image.paste(axis_title.rotate(90, expand=True), (pad, top))
+    files.write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def training_curves_png(history: list[dict], path: Path, title: str) -> None:
