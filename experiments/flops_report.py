@@ -1,4 +1,4 @@
-"""A run's FLOPs from XLA's cost analysis of the compiled steps (measured once per
+"""A run's FLOPs from XLA's cost analysis of the steps' programs (counted once per
 experiment) times the steps each phase ran, with the reference's report keys."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from grasp_jax import input_pipeline as ip
 
 @dataclasses.dataclass(frozen=True)
 class StepCosts:
-    """XLA's FLOPs of the compiled steps, measured once per experiment."""
+    """XLA's FLOPs of the steps' programs, counted once per experiment."""
 
     train_step: float
     eval_step: float
@@ -43,7 +43,7 @@ def training_flops(
     ) * costs.eval_step
     out = {
         "method": label,
-        "source": "XLA cost analysis of the compiled steps",
+        "source": "XLA cost analysis of the lowered steps",
         "model_params_millions": costs.params / 1e6,
         "inference_gflops": costs.eval_step / costs.batch_size / 1e9,
         "train_step_gflops": costs.train_step / 1e9,

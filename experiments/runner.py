@@ -2,7 +2,7 @@
 
 The walk: validate the config (`settings.check`); train the missing sources
 (`sources.train_sources`); write `source_matrix.{json,png}` (the shared start and every
-source on every bin's test split); measure the compiled steps' FLOPs once; then for each
+source on every bin's test split); count the steps' FLOPs once; then for each
 target (default: leave-one-out over all bins), each trial (a recorded seed, shared by
 every method: paired runs) and each method: load the target's splits, run the method
 (`methods.REGISTRY`), build its record and write its files (`report`) under
