@@ -138,7 +138,7 @@ def main() -> None:
             for side in ("jax", "torch")
         }
         ours, theirs = min(runs["jax"]), min(runs["torch"])
-        cells = [" / ".join(f"{t:.2f}" for t in times) for times in runs.values()]
+        cells = [" / ".join(f"{t:.3g}" for t in times) for times in runs.values()]
         print(f"| {name} | {' | '.join(cells)} | {theirs / ours:.2f}x |", flush=True)
 
 
