@@ -232,6 +232,73 @@ def test_presized_rows_give_the_batches_of_the_per_example_path(
             assert a["label"].dtype == b["label"].dtype
 
 
+class _CountingRows(list):
+    """A split that counts its row reads."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def _rows(shape=(8, 8, 3), dtype=np.uint8, seed=2) -> _CountingRows:
+    rng = np.random.default_rng(seed)
+    return _CountingRows(
+        {"image": rng.integers(0, 256, shape).astype(dtype), "label": i} for i in range(5)
+    )
+
+
+def test_presized_arrays_read_a_split_once_and_only_uint8_images_at_the_size(
+    monkeypatch,
+):
+    split = _rows()
+    held = presized.arrays(split, 8)
+    reads = split.reads
+    np.testing.assert_array_equal(held["image"], np.stack([r["image"] for r in split]))
+    np.testing.assert_array_equal(held["label"], np.arange(5))
+    other = _rows()
+    assert presized.arrays(other, 8) is not held  # another split held beside it
+    assert presized.arrays(split, 8) is held and split.reads == reads  # kept, not reread
+    assert presized.arrays(_rows(dtype=np.float32), 8) is None
+    assert presized.arrays(_rows(shape=(10, 10, 3)), 8) is None
+    assert presized.arrays(_rows(shape=(8, 8, 1)), 8) is None
+    assert presized.arrays([(r["image"], r["label"]) for r in _rows()], 8) is None
+    monkeypatch.setattr(presized, "MAX_BYTES", 5 * 8 * 8 * 3)  # exactly the split's
+    assert presized.arrays(_rows(), 8) is not None
+    monkeypatch.setattr(presized, "MAX_BYTES", 5 * 8 * 8 * 3 - 1)
+    assert presized.arrays(_rows(), 8) is None
+
+
+def test_presized_arrays_hold_only_the_latest_splits(monkeypatch):
+    monkeypatch.setattr(presized, "_CACHE", {})
+    monkeypatch.setattr(presized, "_CACHE_ENTRIES", 2)
+    splits = [_rows() for _ in range(3)]
+    for split in splits:
+        presized.arrays(split, 8)
+    assert len(presized._CACHE) == 2
+    reads = [split.reads for split in splits]
+    presized.arrays(splits[0], 8)  # the oldest was let go: read again
+    presized.arrays(splits[2], 8)
+    assert splits[0].reads > reads[0] and splits[2].reads == reads[2]
+
+
+@pytest.mark.parametrize(("drop_remainder", "expected"), [(False, 3), (True, 2)])
+def test_presized_batches_are_a_sequence_of_the_order_given(drop_remainder, expected):
+    data = {
+        "image": np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+        * np.ones((1, 2, 2, 3), np.uint8),
+        "label": np.arange(10, dtype=np.int32),
+    }
+    batches = presized.Batches(data, np.arange(10)[::-1], 4, drop_remainder)
+    labels = [batch["label"].tolist() for batch in batches]  # iterates to IndexError
+    assert labels == [[9, 8, 7, 6], [5, 4, 3, 2], [1, 0]][:expected]
+    assert len(batches) == expected
+    assert batches[1]["image"][:, 0, 0, 0].tolist() == [5, 4, 3, 2]
+    with pytest.raises(IndexError):
+        batches[expected]
+
+
 def test_grayscale_images_decode_to_three_equal_channels():
     """Raw 2-D arrays and encoded one-channel images become RGB, each channel the gray."""
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
