@@ -72,11 +72,7 @@ class Batches(Sequence):
 
     def __init__(self, data, indices: Sequence, local: int, drop_remainder: bool):
         self.data = data
-        if isinstance(indices, np.ndarray):
-            self.order = indices.astype(np.int64, copy=False)
-        else:
-            rows = map(indices.__getitem__, range(len(indices)))
-            self.order = np.fromiter(rows, np.int64)
+        self.order = np.asarray(indices, np.int64)
         self.local = local
         full, rest = divmod(len(self.order), local)
         self.length = full + (1 if rest and not drop_remainder else 0)
