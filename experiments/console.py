@@ -5,6 +5,7 @@ built, a source trained, a run), each with a timestamp, its name and its result.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import jax
@@ -15,7 +16,11 @@ def on_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+_PRINTING = threading.Lock()  # whole lines from runs side by side
+
+
 def event(what: str) -> None:
     """One timestamped line on stdout (process 0 only)."""
     if jax.process_index() == 0:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {what}", flush=True)
+        with _PRINTING:
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {what}", flush=True)

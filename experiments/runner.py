@@ -13,6 +13,7 @@ reused when their settings match, so an interrupted experiment resumes. Ends wit
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import time
@@ -27,6 +28,7 @@ from experiments import (
     data_checks,
     machine,
     methods,
+    parallel_runs,
     reference_format,
     report,
     settings,
@@ -107,27 +109,38 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
         matrix = source_matrix.compute(config, workdir, progress=progress)
         report.write_source_matrix(results_dir, matrix, title)
     costs = step_costs(config)
-    results = []
     for target in targets:
-        bins = settings.source_bins(config, target)
-        if not bins:
+        if not settings.source_bins(config, target):
             logging.warning("target %s has no sources (sources=past); skipped", target)
-            continue
-        splits = src.load_splits(config, workdir, target)
-        class_names = splits["train"].dataset_info.features["label"].names
-        for trial in range(1, config.trials + 1):
-            # One seed per (target, trial), shared by every method: paired runs.
-            seed = settings.run_seed(config, target, trial)
-            ctx = Context(config, workdir, target, bins, splits, seed, progress)
-            for name in methods.selected(config):
-                method = methods.REGISTRY[name]
-                out_dir = results_dir / run_name(config, target, name, trial)
-                if (out_dir / "metrics.json").exists():
-                    expected = run_dependencies(config, method, target, trial)
-                    results.append(reuse_finished(out_dir, method, expected))
-                    continue
-                results.append(run_one(ctx, method, trial, costs, out_dir, class_names))
-    return results
+    runs = [run[:3] for run in plan(config, workdir, targets)]  # (target, trial, method)
+    at_once = settings.at_once(config, len(runs))
+    splits_of = functools.cache(functools.partial(src.load_splits, config, workdir))
+
+    @functools.cache
+    def trial_context(target: str, trial: int) -> Context:
+        splits = splits_of(target)
+        # One seed per (target, trial), shared by every method: paired runs.
+        seed = settings.run_seed(config, target, trial)
+        bins = settings.source_bins(config, target)
+        bars = progress and at_once == 1  # bars of runs side by side would garble
+        ctx = Context(config, workdir, target, bins, splits, seed, bars)
+        ctx.source_layout  # noqa: B018 (traced once here, not once per run)
+        return ctx
+
+    def run(item: tuple[str, int, str]) -> dict:
+        target, trial, name = item
+        method = methods.REGISTRY[name]
+        out_dir = results_dir / run_name(config, target, name, trial)
+        if (out_dir / "metrics.json").exists():
+            expected = run_dependencies(config, method, target, trial)
+            return reuse_finished(out_dir, method, expected)
+        # A copy per run: the runner sets its output folder and memory marks on it.
+        ctx = copy.copy(trial_context(target, trial))
+        class_names = ctx.splits["train"].dataset_info.features["label"].names
+        alongside = at_once - 1
+        return run_one(ctx, method, trial, costs, out_dir, class_names, alongside=alongside)
+
+    return parallel_runs.ordered_map(run, runs, at_once)
 
 
 def plan(config, workdir: Path, targets: list[str]) -> list[tuple[str, int, str, bool]]:
@@ -248,10 +261,14 @@ def run_one(
     costs: StepCosts,
     out_dir: Path,
     class_names: list[str],
+    *,
+    alongside: int = 0,
 ) -> dict:
-    """One (target, method, trial): run, evaluate, write every result file."""
+    """One (target, method, trial): run, evaluate, write every result file. `alongside`:
+    how many other runs share the process meanwhile (their memory counts in its peak)."""
     memory_log: dict = {}
-    per_run = memory.reset_peak_host_memory()  # this run's peak, not the process's
+    # This run's peak, not the process's, unless other runs share the process.
+    per_run = not alongside and memory.reset_peak_host_memory()
     ctx.mark = functools.partial(memory_checkpoint, memory_log, method.memory_marks)
     ctx.out_dir = out_dir
     ctx.mark("experiment_start")
@@ -263,7 +280,13 @@ def run_one(
     record, profile = report.run_record(
         ctx, method, trial, result, seconds, costs, memory_log
     )
-    record["memory"]["host_peak_scope"] = "this run" if per_run else "this process so far"
+    record["memory"]["host_peak_scope"] = (
+        "this run"
+        if per_run
+        else f"this process, up to {alongside + 1} runs at once"
+        if alongside
+        else "this process so far"
+    )
     record["settings"] = run_dependencies(ctx.config, method, ctx.target, trial)
     title = f"{method.name} on {ctx.target}, trial {trial}"
     run = {"method": method.name, "target": ctx.target, "trial": trial, "seed": ctx.seed}

@@ -73,6 +73,10 @@ def check(config: ml_collections.ConfigDict, registry=None) -> list[str]:
         )
     if config.trials < 1:
         raise ConfigError(f"config.trials={config.trials}; run at least one trial")
+    if config.concurrent_runs < 1:
+        raise ConfigError(
+            f"config.concurrent_runs={config.concurrent_runs}; run at least one at once"
+        )
     if config.save_final:
         _check_save_final(config)
     if config.save_models_safetensors and config.model not in interop.LAYOUTS:
@@ -245,3 +249,12 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             out.append(f"{prefix}{key}")
     return out
+
+
+def at_once(config: ml_collections.ConfigDict, jobs: int) -> int:
+    """How many of `jobs` independent jobs (runs, source matrix rows) run at once
+    (threads, `experiments.parallel_runs`): `config.concurrent_runs`, never more than
+    there are, and one where several processes train each model together."""
+    if jax.process_count() > 1:
+        return 1
+    return max(1, min(config.concurrent_runs, jobs))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import settings, sources
+from experiments import parallel_runs, settings, sources
 from grasp_jax import checkpoints, evaluation, recalibration
 
 
@@ -46,13 +46,28 @@ def compute(config, workdir: Path, *, progress: bool = True) -> dict:
         ]
 
     start = sources.initial_variables(config, workdir, writer=None)
-    plain, recalibrated = [row(start)], [recalibrated_row(start)]
-    outputs: list[list[dict]] = []  # per source, per bin: logits and labels
-    for bin_name in tqdm(config.bins, desc="source matrix", disable=not progress):
-        variables = sources.restore_source(config, workdir, bin_name, abstract)
-        outputs.append([])
-        plain.append(row(variables, outputs[-1]))
-        recalibrated.append(recalibrated_row(variables))
+
+    def model_rows(bin_name: str | None):
+        """The start's (None) or a source's plain and recalibrated rows, and a
+        source's outputs per bin."""
+        keep: list | None = None if bin_name is None else []
+        variables = (
+            start
+            if bin_name is None
+            else sources.restore_source(config, workdir, bin_name, abstract)
+        )
+        rows = row(variables, keep), recalibrated_row(variables), keep
+        bar.update()
+        return rows
+
+    # `concurrent_runs` rows at once (threads: the same numbers as one at a time).
+    models = [None, *config.bins]
+    with tqdm(total=len(models), desc="source matrix", disable=not progress) as bar:
+        at_once = settings.at_once(config, len(models))
+        done = parallel_runs.ordered_map(model_rows, models, at_once)
+    plain = [p for p, _, _ in done]
+    recalibrated = [r for _, r, _ in done]
+    outputs: list[list[dict]] = [o for _, _, o in done[1:]]  # per source, per bin
     matrix = {
         "rows": ["pretrained", *config.bins],
         "columns": list(config.bins),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ class CheckpointError(ValueError):
     """A source checkpoint is missing, partial or does not fit the model."""
 
 
+# Orbax's saves in one process share its signalling and temporary folders: two at once
+# from threads (runs side by side) fail or time out.
+_ONE_SAVE_AT_A_TIME = threading.Lock()
+
+
 def save_variables(path: str | Path, variables: dict, metadata: dict[str, Any]) -> Path:
     """Writes `variables` and `metadata` to `path` atomically (temp folder, then rename).
 
@@ -54,7 +60,7 @@ def save_variables(path: str | Path, variables: dict, metadata: dict[str, Any]) 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     multihost_utils.sync_global_devices(f"grasp_jax save start {path}")
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _ONE_SAVE_AT_A_TIME, ocp.StandardCheckpointer() as checkpointer:
         for item in ITEMS:
             checkpointer.save(tmp / item, variables.get(item, {}))
         checkpointer.wait_until_finished()

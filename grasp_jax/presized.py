@@ -10,6 +10,7 @@ small model's step) and stays on the host, outside any traced program.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 
 import grain
@@ -18,18 +19,21 @@ import numpy as np
 MAX_BYTES = 256 * 2**20  # larger splits stream through grain as before
 _CACHE: dict[int, tuple[Sequence, dict[str, np.ndarray] | None]] = {}
 _CACHE_ENTRIES = 32
+_CACHE_LOCK = threading.Lock()  # runs side by side in threads share the cache
 
 
 def arrays(split: Sequence, size: int) -> dict[str, np.ndarray] | None:
     """`image` (uint8 [n, size, size, 3]) and `label` (int32) of every row of `split`,
     read once per split object; None if a row is not such an image or it is too big."""
     key = id(split)
-    if key in _CACHE and _CACHE[key][0] is split:
-        return _CACHE[key][1]
+    with _CACHE_LOCK:
+        if key in _CACHE and _CACHE[key][0] is split:
+            return _CACHE[key][1]
     loaded = _load(split, size)
-    if len(_CACHE) >= _CACHE_ENTRIES:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = (split, loaded)  # holding the split keeps its id from being reused
+    with _CACHE_LOCK:
+        if len(_CACHE) >= _CACHE_ENTRIES:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = (split, loaded)  # holding the split keeps its id from being reused
     return loaded
 
 

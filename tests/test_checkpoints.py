@@ -66,3 +66,32 @@ def test_mismatched_head_lists_the_keys(tmp_path):
         checkpoints.CheckpointError, match=r"head/kernel \(64, 10\) != \(64, 30\)"
     ):
         checkpoints.restore_variables(tmp_path / "d0", abstract(num_classes=30), name="d0")
+
+
+def test_saves_from_two_threads_at_once_both_land(tmp_path):
+    """Runs side by side save their models at the same moment (Orbax alone fails then:
+    its saves in one process share temporary folders and signals)."""
+    import threading
+
+    saved = [variables(seed=0), variables(seed=1)]
+    start = threading.Barrier(2)
+    failures = []
+
+    def save(k):
+        for rep in range(3):
+            start.wait()
+            try:
+                checkpoints.save_variables(tmp_path / f"m{k}_{rep}", saved[k], {})
+            except Exception as error:  # reported below, in the test's thread
+                failures.append(error)
+
+    threads = [threading.Thread(target=save, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    for k in range(2):
+        for rep in range(3):
+            restored = checkpoints.restore_variables(tmp_path / f"m{k}_{rep}", abstract())
+            jax.tree.map(np.testing.assert_array_equal, restored, saved[k])

@@ -142,7 +142,7 @@ def test_seeds_follow_names_not_positions(tmp_path, monkeypatch):
     the full run's d1 seed (the runner once seeded by position in the target list)."""
     seen = {}
 
-    def fake_run_one(ctx, method, trial, costs, out_dir, class_names):
+    def fake_run_one(ctx, method, trial, costs, out_dir, class_names, **_):
         seen.setdefault(ctx.target, set()).add((trial, ctx.seed))
         return {"method_label": method.name, "target": ctx.target, "trial": trial}
 

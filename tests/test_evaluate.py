@@ -134,19 +134,22 @@ def test_save_final_writes_the_reference_state_dict_that_evaluate_reads(tmp_path
 
 def test_save_models_keeps_each_runs_model_and_evaluate_reads_it(digits_dir, tmp_path):
     """With save_models a run folder holds its final model: evaluated again from disk
-    it gives the test accuracy the run recorded; methods without one model save none."""
+    it gives the test accuracy the run recorded; methods without one model save none.
+    Two trials: their runs, side by side, save at about the same time."""
     from experiments import runner
     from tests.pinned_experiment import small_config
 
-    config = small_config(digits_dir, targets="d2", trials=1)
+    config = small_config(digits_dir, targets="d2", trials=2)
     config.methods = ("finetune", "ensemble")
     config.save_models = True
+    assert config.concurrent_runs == 2
     runner.run_experiment(config, tmp_path, progress=False)
     results = tmp_path / "results" / "digits_drift"
     run = results / runner.run_name(config, "d2", "finetune", 1)
     recorded = json.loads((run / "metrics.json").read_text())["test_metrics"]["accuracy"]
     again = evaluate.evaluate_checkpoint(config, run, "d2", tmp_path)
     assert again["test_metrics"]["accuracy"] == recorded
+    assert (results / runner.run_name(config, "d2", "finetune", 2) / "model").is_dir()
     assert not (results / runner.run_name(config, "d2", "ensemble", 1) / "model").exists()
     config.save_models_safetensors = True  # small_cnn has no PyTorch layout
     with pytest.raises(settings.ConfigError, match="small_cnn has no PyTorch layout"):

@@ -89,5 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Devices a model is split over (FSDP-style, grasp_jax.sharding); the rest of the
     # devices replicate it for data parallelism. 1: every device holds the whole model.
     config.mesh = ml_collections.ConfigDict({"model": 1})
+    # Runs (and source matrix rows) at once in threads of one process (experiments/
+    # parallel_runs.py): the same numbers, sooner where one run leaves cores idle; 1 keeps
+    # each run's peak memory its own. One process of several always runs one at a time.
+    config.concurrent_runs = 1
     config.seed = 0
     return config

@@ -35,4 +35,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grasp.update(learning_rate=5e-4, augment=False)
     config.fusion.update(learning_rate=5e-4, augment=False)
     config.pearl.update(learning_rate=5e-4, augment=False)
+    # A small CNN's step leaves a core idle: two runs at once, same numbers.
+    config.concurrent_runs = 2
     return override(config, parse_arg(arg))
