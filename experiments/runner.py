@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
     targets = settings.check(config, methods.REGISTRY)
     aligning = bool(methods.ALIGNING & set(methods.selected(config)))
     data_checks.check(config, workdir, targets, aligning=aligning)
-    console.event(plan_line(config, workdir, plan(config, workdir, targets)))
+    planned = plan(config, workdir, targets)
+    console.event(plan_line(config, workdir, planned))
     src.train_sources(config, workdir)
     results_dir = workdir / "results" / config.dataset
     title = f"{config.dataset} / {config.model}"
@@ -112,9 +114,10 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
     for target in targets:
         if not settings.source_bins(config, target):
             logging.warning("target %s has no sources (sources=past); skipped", target)
-    runs = [run[:3] for run in plan(config, workdir, targets)]  # (target, trial, method)
+    runs = [run[:3] for run in planned]  # (target, trial, method)
     at_once = settings.at_once(config, len(runs))
     splits_of = functools.cache(functools.partial(src.load_splits, config, workdir))
+    one_context = threading.Lock()  # a trial's runs starting together share one
 
     @functools.cache
     def trial_context(target: str, trial: int) -> Context:
@@ -135,7 +138,8 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
             expected = run_dependencies(config, method, target, trial)
             return reuse_finished(out_dir, method, expected)
         # A copy per run: the runner sets its output folder and memory marks on it.
-        ctx = copy.copy(trial_context(target, trial))
+        with one_context:
+            ctx = copy.copy(trial_context(target, trial))
         class_names = ctx.splits["train"].dataset_info.features["label"].names
         alongside = at_once - 1
         return run_one(ctx, method, trial, costs, out_dir, class_names, alongside=alongside)
