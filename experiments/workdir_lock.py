@@ -1,7 +1,8 @@
 """One command per work folder. Two commands on one folder would train the same sources
 twice, race on TFDS's build, or take each other's live training for an interrupted one:
 the second is refused in one line while the first runs. A lock left by a process that
-died is taken over, so an interrupted command resumes without a manual step."""
+died is taken over, so an interrupted command resumes without a manual step; the temp
+files its killed writes left are deleted then, as no one else writes there."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import jax
 
 from experiments.settings import ConfigError
+from grasp_jax import files
 
 LOCK = ".lock"
 
@@ -71,6 +73,7 @@ def held(workdir: Path, command: str):
         break
     else:
         raise ConfigError(f"{path} cannot be read; delete it if no command is running")
+    files.remove_stale_temps(workdir)
     try:
         yield
     finally:

@@ -5,6 +5,7 @@ no permission) leaves what the path held before untouched."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,24 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     return path
+
+
+# write_atomic's temp files: `.<stem>.<mkstemp's 8 random characters>.tmp<suffix>`.
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.\w+)?")
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Deletes the temp files write_atomic left under `folder` when its process was
+    killed mid-write (a rerun writes its own). Only for a folder no live process writes
+    to; returns what was deleted."""
+    stale = [
+        p
+        for p in Path(folder).rglob(".*.tmp*")
+        if _TEMP_NAME.fullmatch(p.name) and p.is_file()
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -595,6 +595,31 @@ def test_a_second_command_on_one_workdir_is_refused_and_a_dead_ones_lock_taken(t
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
 
 
+def test_taking_a_workdir_deletes_the_temp_files_of_killed_writes_and_nothing_else(
+    tmp_path,
+):
+    """A process killed between writing a result's temp file and renaming it left
+    `.metrics.<random>.tmp.json` in a run folder for good (found by the kill chain)."""
+    from experiments import workdir_lock
+
+    run = tmp_path / "results" / "digits_drift" / "run"
+    run.mkdir(parents=True)
+    stale = [run / ".metrics.k3_x9q0a.tmp.json", tmp_path / ".curves.abcdefgh.tmp.png"]
+    kept = [
+        run / "metrics.json",
+        run / ".hidden",
+        run / "notes.tmp.json",  # not hidden: not one of ours
+        run / ".metrics.short.tmp.json",  # not mkstemp's 8 characters
+        tmp_path / "sources" / ".orbax-checkpoint-tmp-12" / "x",
+    ]
+    for path in stale + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    with workdir_lock.held(tmp_path, "experiments.main"):
+        assert not any(p.exists() for p in stale)
+        assert all(p.exists() for p in kept)
+
+
 def test_ctrl_c_says_what_is_kept_in_one_line(capsys):
     with pytest.raises(SystemExit) as stop, cli.one_line_errors("experiments.main"):
         raise KeyboardInterrupt

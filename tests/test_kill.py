@@ -2,10 +2,11 @@
 training, checkpoint saves, GRASP's merge, result writes, the summary) reruns to the
 end, redoes only unfinished work, and ends bit-identical to an uninterrupted run.
 
-Each point costs two subprocess runs (~40 s); CI runs three of them, `make test-kill` (or
-`pytest -m slow tests/test_kill.py`) runs all ten and the check that two fresh work
-folders agree (in CI, each resumed run already recomputes everything after its kill point
-in a second process and must equal the uninterrupted run).
+Each point costs two subprocess runs (~40 s). `make test-kill` (or `pytest -m slow
+tests/test_kill.py`) runs all ten one by one, and the check that two fresh work folders
+agree. CI runs their small twin: one work folder killed at three of the points in turn,
+each rerun resuming what the one before left (~half the time of three separate points,
+with the same checks after every process).
 """
 
 from __future__ import annotations
@@ -88,35 +89,49 @@ def test_two_fresh_work_directories_give_bit_identical_results(uninterrupted, tm
     assert len(uninterrupted) >= 12  # 3 runs x 3 files, summary, source matrix, sources
 
 
+# (point, n): the process kills itself on the n-th call at `point` (tests/kill_worker.py).
 KILL_POINTS = [
-    ("data_build", 100, True),  # inside TFDS's generation of the first bin
-    ("train_step", 10, True),  # mid-epoch, pretraining
-    ("epoch_checkpoint", 2, False),  # an epoch's (asynchronous) checkpoint in flight
-    ("save_variables", 2, True),  # a source trained, not yet saved
-    ("saved_variables", 3, True),  # a source saved, its training state not removed
-    ("merge", 1, False),  # between GRASP's merge and its fine-tuning
-    ("result_rename", 3, False),  # a result file written to its temp file, not renamed
-    ("write_run", 1, True),  # between two methods
-    ("source_matrix", 1, True),  # sources done, nothing run
-    ("summary", 1, True),  # every run done, the summary not written
+    ("data_build", 100),  # inside TFDS's generation of the first bin
+    ("train_step", 10),  # mid-epoch, pretraining
+    ("epoch_checkpoint", 2),  # an epoch's (asynchronous) checkpoint in flight
+    ("save_variables", 2),  # a source trained, not yet saved
+    ("saved_variables", 3),  # a source saved, its training state not removed
+    ("merge", 1),  # between GRASP's merge and its fine-tuning
+    ("result_rename", 3),  # a result file written to its temp file, not renamed
+    ("write_run", 1),  # between two methods
+    ("source_matrix", 1),  # sources done, nothing run
+    ("summary", 1),  # every run done, the summary not written
 ]
 
 
-@pytest.mark.parametrize(
-    ("point", "n"),
-    [
-        pytest.param(point, n, marks=[pytest.mark.slow] if slow else [], id=point)
-        for point, n, slow in KILL_POINTS
-    ],
-)
+def kill_then_finish(workdir: Path, kills: list[tuple[str, int]], uninterrupted: dict):
+    """Runs the experiment in `workdir` once per kill point, each run killed there and
+    resuming the one before, then once to the end: every kill must really stop it, no
+    run may redo what an earlier one finished, and the end must equal `uninterrupted`."""
+    for point, n in [*kills, ("-", 0)]:
+        done = finished_work(workdir)
+        result = run(workdir, point, n)
+        if point == "-":
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert outcome(workdir) == uninterrupted
+        else:
+            assert result.returncode == -signal.SIGKILL, (point, result.stderr[-3000:])
+            assert outcome(workdir) != uninterrupted, f"no kill at {point}"
+        after = finished_work(workdir)
+        redone = sorted(p for p in done if after.get(p) != done[p])
+        assert not redone, f"finished work was redone by the run after {kills}: {redone}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("point", "n"), KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
 def test_a_killed_experiment_resumes_to_the_same_results(uninterrupted, tmp_path, point, n):
-    killed = run(tmp_path, point, n)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert outcome(tmp_path) != uninterrupted  # it really stopped before the end
-    done = finished_work(tmp_path)
-    rerun = run(tmp_path)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert outcome(tmp_path) == uninterrupted
-    after = finished_work(tmp_path)
-    redone = sorted(p for p in done if after.get(p) != done[p])
-    assert not redone, f"finished work was redone after a kill at {point}: {redone}"
+    kill_then_finish(tmp_path, [(point, n)], uninterrupted)
+
+
+def test_an_experiment_killed_three_times_resumes_to_the_same_results(
+    uninterrupted, tmp_path
+):
+    """CI's twin of the ten: an epoch checkpoint in flight, between GRASP's merge and
+    its fine-tuning, a result file written but not renamed, one after the other."""
+    kills = [("epoch_checkpoint", 2), ("merge", 1), ("result_rename", 3)]
+    kill_then_finish(tmp_path, kills, uninterrupted)
