@@ -12,6 +12,12 @@ from grasp_jax import input_pipeline as ip
 
 def check(config, workdir: Path, targets: list[str], *, aligning: bool) -> None:
     """Every check below; `aligning`: a selected method computes alignment gradients."""
+    imported = sources.imported_weights_dir(config, workdir)
+    if config.init == "imagenet" and not imported.is_dir():  # before the data is built
+        raise ConfigError(
+            f"config.init='imagenet': no weights in {imported}; "
+            f"{sources.import_instructions(config, workdir)}"
+        )
     first = sources.load_splits(config, workdir, config.bins[0])["train"]
     check_label_count(config, first.dataset_info.features["label"].num_classes)
     check_batch_size(config, workdir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -45,6 +46,17 @@ def requested_methods(config: ml_collections.ConfigDict) -> list[str]:
     return [n.strip() for item in items for n in re.split("[,+]", item) if n.strip()]
 
 
+INIT_CHOICES = (
+    "config.init must be 'pretrain', 'imagenet' or a checkpoint folder written by "
+    "experiments.import_weights or experiments.train_sources"
+)
+
+
+def init_path(config) -> Path:
+    """The checkpoint folder `config.init` names (`~` is the home folder)."""
+    return Path(config.init).expanduser()
+
+
 def check(config: ml_collections.ConfigDict, registry=None) -> list[str]:
     """Validates the whole config; returns the targets. `registry`: the methods (name ->
     `Method`), whose names are the valid ones and whose checks read their sections."""
@@ -71,6 +83,8 @@ def check(config: ml_collections.ConfigDict, registry=None) -> list[str]:
             f"config.init='imagenet': there are no official weights for {config.model} "
             f"(only for {sorted(interop.LAYOUTS)}); use init=pretrain or a checkpoint path"
         )
+    if config.init not in ("pretrain", "imagenet") and not init_path(config).is_dir():
+        raise ConfigError(f"config.init={config.init!r}: no such folder; {INIT_CHOICES}")
     if config.trials < 1:
         raise ConfigError(f"config.trials={config.trials}; run at least one trial")
     if config.concurrent_runs < 1:

@@ -171,24 +171,27 @@ def imported_weights_dir(config, workdir: Path) -> Path:
     return Path(workdir) / "init" / config.model
 
 
+def import_instructions(config, workdir: Path) -> str:
+    """How to put the weights `config.init = "imagenet"` reads in place."""
+    return (
+        "download the official ImageNet weights, then run `python -m "
+        f"experiments.import_weights --model={config.model} --weights=PATH "
+        f"--num_classes={config.num_classes} --out={imported_weights_dir(config, workdir)}`"
+        " (docs/models.md, 'Starting from pretrained weights')"
+    )
+
+
 def initial_variables(config, workdir: Path, writer) -> dict:
     """The shared starting point of every source: cached pretraining or a checkpoint."""
     _, abstract = model_and_abstract(config)
     if config.init == "imagenet":
         path = imported_weights_dir(config, workdir)
-        fix = (
-            "download the official ImageNet weights, then run `python -m "
-            f"experiments.import_weights --model={config.model} --weights=PATH "
-            f"--num_classes={config.num_classes} --out={path}` (docs/models.md, "
-            "'Starting from pretrained weights')"
-        )
+        fix = import_instructions(config, workdir)
         return checkpoints.restore_variables(path, abstract, name="init", fix=fix)
     if config.init != "pretrain":
-        fix = (
-            "config.init must be 'pretrain', 'imagenet' or a checkpoint folder written by "
-            "experiments.import_weights or experiments.train_sources"
+        return checkpoints.restore_variables(
+            settings.init_path(config), abstract, name="init", fix=settings.INIT_CHOICES
         )
-        return checkpoints.restore_variables(config.init, abstract, name="init", fix=fix)
     name = "_pretrained"
     seed = settings.config_seed(config, "pretrain")
     if not reuse_checked(

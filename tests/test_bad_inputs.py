@@ -477,7 +477,15 @@ def test_commands_end_a_user_error_in_one_line(tmp_path, args, message):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("experiments.main: ") and message in last
-    assert not (tmp_path / "w" / "results").exists()
+    assert not (tmp_path / "w").exists()  # refused before any folder or data build
+
+
+def test_imagenet_init_without_its_weights_is_refused_before_the_data_is_built(tmp_path):
+    config = digits.get_config("model=mobilevit_xxs,init=imagenet")
+    fix = r"no weights in \S+/init/mobilevit_xxs; download the official ImageNet weights"
+    with pytest.raises(settings.ConfigError, match=fix):
+        runner.run_experiment(config, tmp_path / "w", progress=False)
+    assert not (tmp_path / "w" / "tfds").exists()
 
 
 def test_a_bad_config_makes_no_folder_and_tilde_means_home(tmp_path):
