@@ -29,6 +29,7 @@ from experiments.import_weights import import_weights
 from grasp_jax import checkpoints, files, interop, models
 from grasp_jax.checkpoints import CheckpointError
 from tests.test_data_builders import make_bin
+from tests.trees import random_variables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +162,7 @@ def test_import_weights_never_replaces_a_checkpoint_of_ours(tmp_path):
 
 
 def mobilevit_variables():
-    return models.init("mobilevit_xxs", 10, jax.random.PRNGKey(0), (1, 64, 64, 3))
+    return random_variables("mobilevit_xxs", 10)
 
 
 def test_exported_safetensors_get_a_plain_file_mode(tmp_path):

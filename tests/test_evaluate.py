@@ -16,6 +16,7 @@ from experiments import evaluate, settings, sources
 from experiments.configs import digits
 from grasp_jax import evaluation, torch_models
 from grasp_jax import input_pipeline as ip
+from tests.trees import random_variables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,9 +117,8 @@ def test_save_final_writes_the_reference_state_dict_that_evaluate_reads(tmp_path
     import jax
 
     from experiments import final_model
-    from grasp_jax import models
 
-    variables = models.init("mobilevit_xxs", 10, jax.random.PRNGKey(3), (1, 64, 64, 3))
+    variables = random_variables("mobilevit_xxs", 10, seed=3)
     run = tmp_path / "mobilevit-xxs_d1_grasp_30_trial2"
     config = types.SimpleNamespace(model="mobilevit_xxs")
     path = final_model.save_pytorch(config, run, variables)

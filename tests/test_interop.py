@@ -9,21 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from grasp_jax import interop, models, torch_models
+from grasp_jax import interop, torch_models
+from tests.trees import random_variables
 
 ZOO = ["resnet50", "efficientnet_b1", "mobilevit_xxs", "mobilevit_xs"]
-
-
-def _variables(name: str, num_classes: int = 5, seed: int = 0) -> dict:
-    """Random Flax variables (random BatchNorm statistics too, so nothing is trivial)."""
-    variables = jax.eval_shape(
-        lambda: models.init(name, num_classes, jax.random.key(seed), (1, 64, 64, 3))
-    )
-    leaves, treedef = jax.tree_util.tree_flatten(variables)
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_unflatten(
-        treedef, [rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32) for leaf in leaves]
-    )
 
 
 def _assert_identical(a: dict, b: dict) -> None:
@@ -37,7 +26,7 @@ def _assert_identical(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("name", ZOO)
 def test_round_trip_through_the_transformers_model_is_bit_identical(name):
     """Flax -> PyTorch (strict load into the HF model) -> Flax changes no bit."""
-    variables = _variables(name)
+    variables = random_variables(name)
     torch_model = torch_models.hf_model(name, 5)
     torch_model.load_state_dict(
         interop.export_torch(name, variables, layout="hf"), strict=True
@@ -49,7 +38,7 @@ def test_round_trip_through_the_transformers_model_is_bit_identical(name):
 def test_resnet50_torchvision_layouts_round_trip_and_agree_with_transformers(layout):
     """torchvision keys (`fc.*`) and the reference's (`fc.1.*`) load strictly into a
     torchvision-layout ResNet-50 whose logits equal the transformers model's."""
-    variables = _variables("resnet50")
+    variables = random_variables("resnet50")
     state = interop.export_torch("resnet50", variables, layout=layout)
     assert ("fc.1.weight" in state) == (layout == "reference")
     vision = torch_models.TorchvisionResNet50(5)
@@ -69,7 +58,7 @@ def test_resnet50_torchvision_layouts_round_trip_and_agree_with_transformers(lay
 
 def test_lightning_checkpoint_imports(tmp_path):
     """The reference's `.ckpt`: Lightning keys, a state dict under `model.`, `fc.1` head."""
-    variables = _variables("resnet50", num_classes=3)
+    variables = random_variables("resnet50", num_classes=3)
     state = interop.export_torch("resnet50", variables, layout="reference")
     checkpoint = {
         "epoch": 7,
@@ -90,7 +79,7 @@ def test_lightning_checkpoint_imports(tmp_path):
 
 
 def test_safetensors_file_and_hf_directory_import(tmp_path):
-    variables = _variables("mobilevit_xxs")
+    variables = random_variables("mobilevit_xxs")
     path = interop.save_safetensors(
         tmp_path / "w" / "model.safetensors", "mobilevit_xxs", variables
     )
@@ -108,7 +97,7 @@ def test_safetensors_file_and_hf_directory_import(tmp_path):
 
 
 def test_head_of_another_size_is_an_error_unless_dropped():
-    variables = _variables("efficientnet_b1", num_classes=5)
+    variables = random_variables("efficientnet_b1", num_classes=5)
     state = interop.export_torch("efficientnet_b1", variables)
     with pytest.raises(
         interop.InteropError, match=r"classifier\.weight.*\n.*drop_head=True"
@@ -124,7 +113,7 @@ def test_head_of_another_size_is_an_error_unless_dropped():
 
 
 def test_missing_unexpected_and_misshapen_keys_are_listed():
-    state = interop.export_numpy("mobilevit_xxs", _variables("mobilevit_xxs"))
+    state = interop.export_numpy("mobilevit_xxs", random_variables("mobilevit_xxs"))
     del state["mobilevit.conv_stem.convolution.weight"]
     state["mobilevit.extra.weight"] = np.zeros(3, np.float32)
     state["mobilevit.conv_1x1_exp.normalization.bias"] = np.zeros(7, np.float32)
@@ -140,18 +129,18 @@ def test_missing_unexpected_and_misshapen_keys_are_listed():
 
 
 def test_another_architecture_is_named(tmp_path):
-    state = interop.export_torch("efficientnet_b1", _variables("efficientnet_b1"))
+    state = interop.export_torch("efficientnet_b1", random_variables("efficientnet_b1"))
     path = tmp_path / "effnet.pt"
     torch.save(state, path)
     with pytest.raises(interop.InteropError, match=r"effnet\.pt: holds a efficientnet"):
         interop.import_torch("resnet50", path)
-    xs = interop.export_numpy("mobilevit_xs", _variables("mobilevit_xs"))
+    xs = interop.export_numpy("mobilevit_xs", random_variables("mobilevit_xs"))
     with pytest.raises(interop.InteropError, match=r"shape:\n.*checkpoint .* model "):
         interop.import_torch("mobilevit_xxs", xs)
 
 
 def test_unreadable_files_name_the_file_and_the_problem(tmp_path):
-    state = interop.export_torch("mobilevit_xxs", _variables("mobilevit_xxs"))
+    state = interop.export_torch("mobilevit_xxs", random_variables("mobilevit_xxs"))
     whole = tmp_path / "whole.pt"
     torch.save(state, whole)
     truncated = tmp_path / "truncated.pt"
@@ -194,4 +183,4 @@ def test_unknown_layout_and_model_are_errors():
     ):
         interop.import_torch("small_cnn", {})
     with pytest.raises(interop.InteropError, match="has no 'timm' layout"):
-        interop.export_numpy("resnet50", _variables("resnet50"), layout="timm")
+        interop.export_numpy("resnet50", random_variables("resnet50"), layout="timm")
