@@ -11,7 +11,6 @@ from pathlib import Path
 
 import jax
 import ml_collections
-from tensorboardX import SummaryWriter
 
 from data.build import load_splits as load_data_splits
 from experiments import console, report, settings
@@ -226,6 +225,10 @@ def train_sources(config, workdir: Path) -> dict[str, dict]:
     # process trains.
     writer = None
     if missing and jax.process_index() == 0:
+        # Imported here: tensorboardX imports PyTorch when it is installed (~1 s), which
+        # a command that stops at a user error or a dry run never needs.
+        from tensorboardX import SummaryWriter
+
         writer = SummaryWriter(str(workdir / "tensorboard"))
     try:
         init = initial_variables(config, workdir, writer) if missing else None
