@@ -31,8 +31,9 @@ throughput: $(STAMP)
 # .ci/run calls); `make test-all` runs those too. Tests run in one worker process per
 # core (at most 4, each with its own JAX runtime), a file's tests in the same worker so
 # that its module fixtures run once: much of a test's time is single-threaded XLA
-# compilation, which one process cannot spread over the cores.
-PYTEST_WORKERS := -n auto --maxprocesses=4 --dist loadfile
+# compilation, which one process cannot spread over the cores. Files go to the workers
+# longest first (tests/conftest.py).
+PYTEST_WORKERS := -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

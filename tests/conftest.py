@@ -60,18 +60,26 @@ def digits_dir(tmp_path_factory):
     return out
 
 
-# The files that run whole experiments, longest first: `make test` hands files to its
-# workers in collection order, so these start at once and the short files fill in
-# around them instead of one long file starting last and running alone at the end.
-# (Not shown to matter by a measurement: 992 s without the ordering, 972-1005 s with it,
-# in runs that differ in other ways too.)
+# The files that take longest, longest first (seconds of one worker in a fresh-clone
+# `make test`, 2026-12-05): `make test` hands whole files to its workers in collection
+# order (`--no-loadscope-reorder`; xdist would otherwise order files by their number of
+# tests, which put the long experiment files with few tests last, to run alone at the
+# end). The files not listed follow in their usual order.
 LONGEST_FIRST = (
-    "test_baselines.py",
-    "test_study.py",
-    "test_kill.py",
-    "test_main.py",
-    "test_data_parallel.py",
-    "test_models.py",
+    "test_models.py",  # 171
+    "test_baselines.py",  # 128
+    "test_data_parallel.py",  # 126
+    "test_main.py",  # 106
+    "test_kill.py",  # 80
+    "test_study.py",  # 74
+    "test_grasp.py",  # 73
+    "test_train.py",  # 58
+    "test_transfer.py",  # 54
+    "test_bad_inputs.py",  # 42
+    "test_merge.py",  # 41
+    "test_merging.py",  # 38
+    "test_evaluate.py",  # 37
+    "test_grasp_reference_stage.py",  # 31
 )
 
 
