@@ -3,7 +3,9 @@ XLA compilations."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 # Tests rebuild the same programs many times (fresh closures, child processes, the same
@@ -50,14 +52,52 @@ def compile_count():
     return lambda: _COMPILES[0]
 
 
+def shared_folder(tmp_path_factory, worker_id: str, name: str, make) -> Path:
+    """Folder `name`, made by `make(path)` once per test session, whichever worker needs
+    it first (the others wait on a file lock), then read by all. Never written to after:
+    a test that changes it copies it first."""
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # xdist: the session folder the workers' folders are in
+        root = root.parent
+    path = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            make(path)
+            (root / f"{name}.done").touch()
+    return path
+
+
 @pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory):
+def digits_dir(tmp_path_factory, worker_id):
     """digits_drift built once per test session (all configs, ~4 s)."""
     from data.build import build
 
-    out = tmp_path_factory.mktemp("tfds")
-    build("digits_drift", data_dir=out)
-    return out
+    return shared_folder(
+        tmp_path_factory, worker_id, "tfds", lambda out: build("digits_drift", data_dir=out)
+    )
+
+
+@pytest.fixture(scope="session")
+def small_sources(digits_dir, tmp_path_factory, worker_id):
+    """A work folder holding the start, the sources and the source matrix of
+    `pinned_experiment.small_config`, trained once per test session: the experiment
+    tests start from a copy (`pinned_experiment.with_sources`), which the runner reuses
+    after its checks, instead of each training the same ones (~10 s each). The kill
+    test trains its own, in the process it kills."""
+
+    def make(workdir):
+        from experiments import report, source_matrix, sources
+        from tests.pinned_experiment import small_config
+
+        config = small_config(digits_dir, targets="d2", trials=1)
+        sources.train_sources(config, workdir)
+        matrix = source_matrix.compute(config, workdir, progress=False)
+        title = f"{config.dataset} / {config.model}"  # as the runner titles it
+        report.write_source_matrix(workdir / "results/digits_drift", matrix, title)
+
+    return shared_folder(tmp_path_factory, worker_id, "small_sources", make)
 
 
 # The files that take longest, longest first (seconds of one worker in a fresh-clone

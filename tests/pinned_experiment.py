@@ -12,6 +12,7 @@ machine, and say so in its message.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,14 @@ def small_config(data_dir, *, targets: str, trials: int):
     )
     config.data_dir = str(data_dir)
     return config
+
+
+def with_sources(prepared: Path, workdir: Path) -> Path:
+    """`workdir` holding a copy of the sources and the source matrix in `prepared` (the
+    `small_sources` fixture), `workdir` made here; returns it."""
+    shutil.copytree(prepared / "sources", workdir / "sources")
+    shutil.copytree(prepared / "results", workdir / "results")  # the matrix's files
+    return workdir
 
 
 def pinned_config(data_dir):

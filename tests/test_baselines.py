@@ -215,9 +215,9 @@ def test_composition_weights_stay_on_the_simplex():
 
 
 @pytest.fixture(scope="module")
-def experiment(digits_dir, tmp_path_factory):
+def experiment(digits_dir, small_sources, tmp_path_factory):
     """Every method on one target, one trial, one epoch per phase."""
-    workdir = tmp_path_factory.mktemp("all")
+    workdir = pinned_experiment.with_sources(small_sources, tmp_path_factory.mktemp("all"))
     config = pinned_experiment.small_config(digits_dir, targets="d2", trials=1)
     config.methods = ("all",)
     config.merging.fisher.examples = 20

@@ -132,13 +132,16 @@ def test_save_final_writes_the_reference_state_dict_that_evaluate_reads(tmp_path
     jax.tree.map(np.testing.assert_array_equal, restored, variables)
 
 
-def test_save_models_keeps_each_runs_model_and_evaluate_reads_it(digits_dir, tmp_path):
+def test_save_models_keeps_each_runs_model_and_evaluate_reads_it(
+    digits_dir, small_sources, tmp_path
+):
     """With save_models a run folder holds its final model: evaluated again from disk
     it gives the test accuracy the run recorded; methods without one model save none.
     Two trials: their runs, side by side, save at about the same time."""
     from experiments import runner
-    from tests.pinned_experiment import small_config
+    from tests.pinned_experiment import small_config, with_sources
 
+    with_sources(small_sources, tmp_path)
     config = small_config(digits_dir, targets="d2", trials=2)
     config.methods = ("finetune", "ensemble")
     config.save_models = True

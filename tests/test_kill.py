@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import pinned_experiment
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = (
     "--config=digits:bins=d0+d1+d2,targets=d1,trials=1,pretrain.epochs=1,"
@@ -74,9 +76,11 @@ def finished_work(workdir: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
+def uninterrupted(small_sources, tmp_path_factory) -> dict:
+    """The experiment run to the end, from the test session's sources (the same
+    settings: the runs after a kill train theirs and must match them bit for bit)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = run(workdir)
+    result = run(pinned_experiment.with_sources(small_sources, workdir))
     assert result.returncode == 0, result.stderr[-3000:]
     return outcome(workdir)
 

@@ -14,11 +14,13 @@ from tests import pinned_experiment
 OTHER_CPU = {"accuracy": 0.02, "fraction": 2e-3, "loss": 2e-2}
 
 
-def test_per_run_numbers_equal_the_pinned_ones(digits_dir, tmp_path):
+def test_per_run_numbers_equal_the_pinned_ones(digits_dir, small_sources, tmp_path):
     mine = pinned_experiment.machine_golden()
     exact = mine.exists()
     golden = json.loads((mine if exact else pinned_experiment.GOLDEN).read_text())
-    runs = pinned_experiment.measure(digits_dir, tmp_path)
+    runs = pinned_experiment.measure(
+        digits_dir, pinned_experiment.with_sources(small_sources, tmp_path)
+    )
     assert sorted(runs) == sorted(golden)
     for name, want in golden.items():
         got = runs[name]

@@ -8,12 +8,15 @@ import pytest
 
 from experiments import settings, study
 from grasp_jax.grasp import NOTHING_MOVES
+from tests import pinned_experiment
 from tests.test_main import tiny_config
 
 
 @pytest.fixture(scope="module")
-def small_study(digits_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("study")
+def small_study(digits_dir, small_sources, tmp_path_factory):
+    workdir = pinned_experiment.with_sources(
+        small_sources, tmp_path_factory.mktemp("study")
+    )
     config = tiny_config(digits_dir)
     config.trials = 1  # one run a variant: every code path, half the time of two
     config.study.update(thresholds=(-1.0, 0.3, 1.01), granularities=("tensor", "channel"))
