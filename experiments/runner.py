@@ -49,8 +49,24 @@ def run_name(config, target: str, method: str, trial: int) -> str:
     return f"{model}_{target}_{method}{suffix}_trial{trial}"
 
 
+_STEP_COSTS: dict[str, StepCosts] = {}
+
+
 def step_costs(config) -> StepCosts:
-    """FLOPs of the compiled train, eval and merge programs for this config's model."""
+    """FLOPs of the compiled train, eval and merge programs for this config's model,
+    counted once a process per model, pipeline and merge (the study calls the runner
+    once per variant; counting takes ~0.25 s for small_cnn, more for the zoo)."""
+    key = json.dumps(
+        settings.model_dependencies(config)
+        | {"granularity": config.grasp.granularity, "mode": config.grasp.mode},
+        sort_keys=True,
+    )
+    if key not in _STEP_COSTS:
+        _STEP_COSTS[key] = _counted_step_costs(config)
+    return _STEP_COSTS[key]
+
+
+def _counted_step_costs(config) -> StepCosts:
     model, abstract = src.model_and_abstract(config)
     step = flops.step_flops(model, abstract, settings.pipeline(config))
     return StepCosts(

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import methods, report, runner, settings, source_matrix
+from experiments.configs import override
 from experiments.configs.digits import get_config
 from tests import pinned_experiment
 from tests.test_tensorboard import read_events
@@ -502,6 +503,30 @@ def test_past_sources_only_use_earlier_bins():
     config.sources = "past"
     assert settings.source_bins(config, "d2") == ["d0", "d1"]
     assert settings.source_bins(config, "d0") == []
+
+
+def test_step_costs_are_counted_once_per_model_pipeline_and_merge(monkeypatch):
+    """The study calls the runner once per variant: the steps' FLOPs are counted once,
+    and a setting that changes a program is counted afresh, to its own value."""
+    monkeypatch.setattr(runner, "_STEP_COSTS", {})
+    counted = []
+    count = runner._counted_step_costs
+    monkeypatch.setattr(
+        runner, "_counted_step_costs", lambda c: counted.append(1) or count(c)
+    )
+    config = get_config()
+    first = runner.step_costs(config)
+    assert runner.step_costs(config.copy_and_resolve_references()) is first
+    assert len(counted) == 1
+    for key, value in [
+        ("grasp.granularity", "element"),
+        ("grasp.mode", "soft"),
+        ("pipeline.batch_size", "16"),
+        ("num_classes", "7"),
+    ]:
+        changed = override(config.copy_and_resolve_references(), {key: value})
+        assert runner.step_costs(changed) == count(changed) != first, key
+    assert len(counted) == 5
 
 
 def test_two_processes_compute_the_same_results(experiment, digits_dir, tmp_path):
