@@ -35,6 +35,7 @@ def make_bin(root: Path, bin_name: str, classes, *, split: bool, per_class: int 
 
 
 GOLDEN_SPLIT_HASH = "ed5bdce5bd1270ab"  # digits_drift 3.0.0
+GOLDEN_IMAGE_HASH = "90bae05a22c89b6d"  # digits_drift 3.0.0, measured on amd-epyc-08328ec5
 
 
 def read(name: str, data_dir: Path) -> dict:
@@ -249,6 +250,25 @@ def test_digits_drift_splits_are_pinned(digits_dir):
             pairs = sorted((int(ex["identity"]), int(ex["label"])) for ex in split)
             digest.update(f"{config}/{name}:{pairs}".encode())
     assert digest.hexdigest()[:16] == GOLDEN_SPLIT_HASH
+
+
+def test_digits_drift_images_are_pinned(digits_dir):
+    """A golden hash of every image's bytes (split, identity and order fixed): a change
+    to a look, a rendering index or the renderer is a new version of the data set, not
+    a silent one. NumPy's generators and PIL's resampling give the same bytes on every
+    machine; a new PIL that resamples otherwise shows up here first."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for config in ["pretrain", *data.digits_drift.DOMAINS]:
+        for name, split in sorted(read(f"digits_drift/{config}", digits_dir).items()):
+            digest.update(f"{config}/{name}".encode())
+            examples = sorted(
+                split, key=lambda ex: (int(ex["identity"]), ex["image"].tobytes())
+            )
+            for ex in examples:
+                digest.update(ex["image"].tobytes())
+    assert digest.hexdigest()[:16] == GOLDEN_IMAGE_HASH
 
 
 def test_digits_drift_copies_differ_between_domains(digits_dir):

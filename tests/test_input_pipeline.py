@@ -134,6 +134,35 @@ def test_hue_shift_matches_colorsys():
                 np.testing.assert_allclose(got[n, y, x], want, atol=2e-5)
 
 
+def test_color_jitter_matches_numpy_given_the_same_draws():
+    """Brightness, contrast (towards each image's mean luma), saturation (towards each
+    pixel's luma, ITU-R 601-2 weights) and hue, each clipped to [0, 1], in torchvision's
+    order; the draws are the four keys' factors. Only ranges were checked before: luma
+    weights or axes, a clip bound or a swapped key all passed."""
+    rng = np.random.default_rng(1)
+    images = rng.uniform(size=(4, 5, 5, 3)).astype(np.float32)
+    key = jax.random.key(7)
+    config = dataclasses.replace(SMALL, brightness=0.6, contrast=0.8, saturation=0.7)
+    keys = jax.random.split(key, 4)
+
+    def draw(k, strength):
+        return np.asarray(jax.random.uniform(k, (4, 1, 1, 1), minval=1 - strength,
+                                             maxval=1 + strength))  # fmt: skip
+
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    x = np.clip(images * draw(keys[0], config.brightness), 0, 1)
+    mean = (x @ luma).mean(axis=(1, 2))[:, None, None, None]
+    c = draw(keys[1], config.contrast)
+    x = np.clip(c * x + (1 - c) * mean, 0, 1)
+    s = draw(keys[2], config.saturation)
+    x = np.clip(s * x + (1 - s) * (x @ luma)[..., None], 0, 1)
+    shift = jax.random.uniform(keys[3], (4,), minval=-config.hue, maxval=config.hue)
+    want = np.asarray(ip.shift_hue(jnp.asarray(x), shift))  # checked against colorsys
+    got = np.asarray(ip.color_jitter(key, jnp.asarray(images), config))
+    assert (x == 0).any() and (x == 1).any()  # both clip bounds are reached
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_jitter_factors_stay_in_range():
     images = jnp.full((64, 4, 4, 3), 0.5, jnp.float32)
     only_brightness = dataclasses.replace(SMALL, contrast=0.0, saturation=0.0, hue=0.0)
@@ -171,6 +200,18 @@ def test_normalize_matches_numpy():
     images = np.random.default_rng(0).integers(0, 256, (2, 3, 3, 3), dtype=np.uint8)
     want = (images / 255.0 - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
     np.testing.assert_allclose(ip.normalize(jnp.asarray(images), SMALL), want, rtol=1e-5)
+
+
+def test_normalize_gives_float32_even_with_x64_enabled():
+    """Images reach the model in float32 whatever JAX's default float: with x64 on, a
+    mean or std made without a dtype, or a float64 input kept as it is, gave float64."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        for images in (
+            rng.integers(0, 256, (2, 3, 3, 3), dtype=np.uint8),
+            rng.random((2, 3, 3, 3)),
+        ):
+            assert ip.normalize(jnp.asarray(images), SMALL).dtype == jnp.float32
 
 
 def test_shard_batch_places_the_batch_axis():
