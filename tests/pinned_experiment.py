@@ -42,7 +42,8 @@ def small_config(data_dir, *, targets: str, trials: int):
 
 def with_sources(prepared: Path, workdir: Path) -> Path:
     """`workdir` holding a copy of the sources and the source matrix in `prepared` (the
-    `small_sources` fixture), `workdir` made here; returns it."""
+    `small_sources` fixture); `workdir` may exist, its `sources` and `results` may not.
+    Returns `workdir`."""
     shutil.copytree(prepared / "sources", workdir / "sources")
     shutil.copytree(prepared / "results", workdir / "results")  # the matrix's files
     return workdir

@@ -608,7 +608,8 @@ def test_taking_a_workdir_deletes_the_temp_files_of_killed_writes_and_nothing_el
     tmp_path,
 ):
     """A process killed between writing a result's temp file and renaming it left
-    `.metrics.<random>.tmp.json` in a run folder for good (found by the kill chain)."""
+    `.flops_report.<random>.tmp.json` in a run folder for good (found by the kill
+    chain)."""
     from experiments import workdir_lock
 
     run = tmp_path / "results" / "digits_drift" / "run"

@@ -123,7 +123,8 @@ def kill_then_finish(workdir: Path, kills: list[tuple[str, int]], uninterrupted:
             assert outcome(workdir) != uninterrupted, f"no kill at {point}"
         after = finished_work(workdir)
         redone = sorted(p for p in done if after.get(p) != done[p])
-        assert not redone, f"finished work was redone by the run after {kills}: {redone}"
+        which = "the last run" if point == "-" else f"the run killed at {point}"
+        assert not redone, f"{which} redid finished work: {redone}"
 
 
 @pytest.mark.slow
