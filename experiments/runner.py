@@ -120,12 +120,8 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
     data_checks.check(config, workdir, targets, aligning=aligning)
     planned = plan(config, workdir, targets)
     console.event(plan_line(config, workdir, planned))
-    src.train_sources(config, workdir)
+    prepare_sources(config, workdir, progress=progress)
     results_dir = workdir / "results" / config.dataset
-    title = f"{config.dataset} / {config.model}"
-    if not source_matrix.is_current(config, workdir, results_dir):
-        matrix = source_matrix.compute(config, workdir, progress=progress)
-        report.write_source_matrix(results_dir, matrix, title)
     costs = step_costs(config)
     for target in targets:
         if not settings.source_bins(config, target):
@@ -161,6 +157,16 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
         return run_one(ctx, method, trial, costs, out_dir, class_names, alongside=alongside)
 
     return parallel_runs.ordered_map(run, runs, at_once)
+
+
+def prepare_sources(config, workdir: Path, *, progress: bool) -> None:
+    """Trains the missing sources and writes the source matrix unless it is current."""
+    src.train_sources(config, workdir)
+    results_dir = workdir / "results" / config.dataset
+    if not source_matrix.is_current(config, workdir, results_dir):
+        matrix = source_matrix.compute(config, workdir, progress=progress)
+        title = f"{config.dataset} / {config.model}"
+        report.write_source_matrix(results_dir, matrix, title)
 
 
 def plan(config, workdir: Path, targets: list[str]) -> list[tuple[str, int, str, bool]]:

@@ -88,14 +88,11 @@ def small_sources(digits_dir, tmp_path_factory, worker_id):
     test trains its own, in the process it kills."""
 
     def make(workdir):
-        from experiments import report, source_matrix, sources
+        from experiments import runner
         from tests.pinned_experiment import small_config
 
         config = small_config(digits_dir, targets="d2", trials=1)
-        sources.train_sources(config, workdir)
-        matrix = source_matrix.compute(config, workdir, progress=False)
-        title = f"{config.dataset} / {config.model}"  # as the runner titles it
-        report.write_source_matrix(workdir / "results/digits_drift", matrix, title)
+        runner.prepare_sources(config, workdir, progress=False)
 
     return shared_folder(tmp_path_factory, worker_id, "small_sources", make)
 
