@@ -28,17 +28,33 @@ def test_device_memory_is_none_on_cpu():
     assert memory.peak_device_memory_bytes() is None
 
 
+_RESET = """
+import sys
+import numpy as np
+from grasp_jax import memory
+block = np.ones(200 * 2**20 // 8)  # a 200 MiB peak, then freed
+assert block.sum() > 0
+del block
+if not memory.reset_peak_host_memory():
+    sys.exit(3)
+now = memory.current_host_memory_bytes()
+assert memory.peak_host_memory_bytes() < now + 50 * 2**20
+small = np.ones(80 * 2**20 // 8)
+assert small.sum() > 0
+assert memory.peak_host_memory_bytes() >= now + 70 * 2**20
+"""
+
+
 def test_reset_makes_the_peak_that_of_what_follows():
-    block = np.ones(200 * 2**20 // 8)  # a 200 MiB peak, then freed
-    assert block.sum() > 0
-    del block
-    if not memory.reset_peak_host_memory():
+    """In a fresh process: in a test worker (5.6 GB resident after the model tests),
+    memory other threads free meanwhile can hide the block (seen once in CI: the peak
+    after the 80 MiB block equal to the resident memory at the reset)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RESET], capture_output=True, text=True, check=False
+    )
+    if done.returncode == 3:
         pytest.skip("no /proc/self/clear_refs here")
-    now = memory.current_host_memory_bytes()
-    assert memory.peak_host_memory_bytes() < now + 50 * 2**20
-    small = np.ones(80 * 2**20 // 8)
-    assert small.sum() > 0
-    assert memory.peak_host_memory_bytes() >= now + 70 * 2**20
+    assert done.returncode == 0, done.stderr
 
 
 _FREED_BLOCKS = """
