@@ -50,10 +50,16 @@ test-kill: $(STAMP)
 # Mutation testing of the code behind the reported numbers (tests/MUTATION.md); not in
 # CI, a few hours on 2 cores. Settings: [mutmut] in setup.cfg. Mutants that leave a
 # jitted program unchanged reuse its compilation from JAX's persistent cache.
+# The small experiment's trained sources are made once, by the unmutated code, and kept
+# for every mutant's test session (tests/conftest.py, `small_sources`).
 MUTATION_JAX_CACHE := $(CURDIR)/.jax-mutation-cache
+MUTATION_SOURCES := $(CURDIR)/.mutation-sources
 mutation: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'mutmut==3.8.1'
-	rm -rf mutants $(MUTATION_JAX_CACHE)
+	rm -rf mutants $(MUTATION_JAX_CACHE) $(MUTATION_SOURCES)
+	GRASP_TESTS_KEPT_SOURCES=$(MUTATION_SOURCES) \
+	  $(BIN)/python -m pytest -q tests/test_baselines.py -k settings_are
+	GRASP_TESTS_KEPT_SOURCES=$(MUTATION_SOURCES) \
 	JAX_COMPILATION_CACHE_DIR=$(MUTATION_JAX_CACHE) \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
 	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 \
@@ -74,4 +80,5 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis mutants .jax-mutation-cache .jax-cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis mutants .jax-mutation-cache .jax-cache \
+	  .mutation-sources

@@ -59,6 +59,11 @@ def shared_folder(tmp_path_factory, worker_id: str, name: str, make) -> Path:
     root = tmp_path_factory.getbasetemp()
     if worker_id != "master":  # xdist: the session folder the workers' folders are in
         root = root.parent
+    return made_once(root, name, make)
+
+
+def made_once(root: Path, name: str, make) -> Path:
+    """`root / name`, made by `make` unless a finished one is there (under a file lock)."""
     path = root / name
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -85,15 +90,25 @@ def small_sources(digits_dir, tmp_path_factory, worker_id):
     `pinned_experiment.small_config`, trained once per test session: the experiment
     tests start from a copy (`pinned_experiment.with_sources`), which the runner reuses
     after its checks, instead of each training the same ones (~10 s each). The kill
-    test trains its own, in the process it kills."""
+    test trains its own, in the process it kills. `make mutation` keeps them between
+    sessions (`GRASP_TESTS_KEPT_SOURCES`, made before any mutant runs): each mutant's
+    test session would otherwise train them again."""
 
-    def make(workdir):
+    def make(workdir, data_dir=digits_dir):
         from experiments import runner
         from tests.pinned_experiment import small_config
 
-        config = small_config(digits_dir, targets="d2", trials=1)
+        config = small_config(data_dir, targets="d2", trials=1)
         runner.prepare_sources(config, workdir, progress=False)
 
+    kept = os.environ.get("GRASP_TESTS_KEPT_SOURCES")
+    if kept:  # trained once, on data built there, by the first session that needs them
+        from data.build import build
+
+        root = Path(kept)
+        root.mkdir(parents=True, exist_ok=True)
+        data_dir = made_once(root, "tfds", lambda out: build("digits_drift", data_dir=out))
+        return made_once(root, "small_sources", lambda w: make(w, data_dir))
     return shared_folder(tmp_path_factory, worker_id, "small_sources", make)
 
 

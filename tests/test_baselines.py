@@ -17,7 +17,7 @@ from experiments import sources as src
 from experiments.context import Context
 from experiments.methods import ensembles, fusion, pearl, weight_merges
 from experiments.reference_format import MEMORY_CHECKPOINTS
-from grasp_jax import adapters, evaluation, logit_average, merging, models
+from grasp_jax import adapters, evaluation, logit_average, merging, models, seeding
 from grasp_jax import input_pipeline as ip
 from tests import pinned_experiment
 
@@ -215,12 +215,21 @@ def test_composition_weights_stay_on_the_simplex():
 
 
 @pytest.fixture(scope="module")
-def experiment(digits_dir, small_sources, tmp_path_factory):
-    """Every method on one target, one trial, one epoch per phase."""
+def prepared(digits_dir, small_sources, tmp_path_factory):
+    """The config of every method on one target, one trial, one epoch per phase, and a
+    work folder holding its trained sources: the tests that call one method's run
+    function start here (seconds), not from the every-method run (minutes)."""
     workdir = pinned_experiment.with_sources(small_sources, tmp_path_factory.mktemp("all"))
     config = pinned_experiment.small_config(digits_dir, targets="d2", trials=1)
     config.methods = ("all",)
     config.merging.fisher.examples = 20
+    return config, workdir
+
+
+@pytest.fixture(scope="module")
+def experiment(prepared):
+    """Every method run by the runner in the `prepared` work folder."""
+    config, workdir = prepared
     summary = runner.run_experiment(config, workdir, progress=False)
     return config, workdir, summary
 
@@ -290,8 +299,11 @@ def test_baselines_keep_the_reference_keys(experiment):
 def context(config, workdir, **changes):
     changed = config.copy_and_resolve_references()
     for key, value in changes.items():
-        section, leaf = key.split(".")
-        changed[section][leaf] = value
+        *sections, leaf = key.split(".")
+        node = changed
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
     splits = src.load_splits(changed, workdir, "d2")
     return Context(changed, workdir, "d2", ["d0", "d1"], splits, 7, False)
 
@@ -313,10 +325,34 @@ def test_staged_finetune_is_grasp_with_nothing_moved(experiment):
     assert not np.array_equal(control.test["logits"], moved.test["logits"])
 
 
-def test_fusion_records_the_models_it_fused(experiment, monkeypatch):
+def recorded_fits(ctx) -> list[dict]:
+    """Makes `ctx.fit` record each call (its arguments and what it returned)."""
+    calls, real = [], ctx.fit
+
+    def fit(variables, recipe, description, **kwargs):
+        result = real(variables, recipe, description, **kwargs)
+        calls.append(
+            dict(kwargs, variables=variables, recipe=recipe, description=description)
+            | {"result": result}
+        )
+        return result
+
+    ctx.fit = fit
+    return calls
+
+
+def assert_trees_equal(got, want, **tolerance):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        if tolerance:
+            np.testing.assert_allclose(a, b, **tolerance)
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_fusion_records_the_models_it_fused(prepared, monkeypatch):
     """`num_source_models` came from the config, so a FUSION that fused fewer sources
     than it was given still recorded all of them. Here the stack drops one."""
-    config, workdir, _ = experiment
+    config, workdir = prepared
     real_stack = fusion.logit_average.stack
     monkeypatch.setattr(
         fusion.logit_average, "stack", lambda loaders: real_stack(loaders[:1])
@@ -325,8 +361,40 @@ def test_fusion_records_the_models_it_fused(experiment, monkeypatch):
     assert result.extra["num_source_models"] == 1
 
 
-def test_faithful_pearl_is_the_first_source_zero_shot(experiment):
-    config, workdir, _ = experiment
+def test_fusion_fine_tunes_the_stacked_sources_by_its_own_recipe(prepared):
+    """One fit of every source stacked in bin order, through the mean of their logits,
+    with `config.fusion`'s recipe; the predictions are the fitted stack's."""
+    config, workdir = prepared
+    ctx = context(config, workdir, **{"fusion.epochs": 2, "fusion.learning_rate": 3e-4})
+    marks = []
+    ctx.mark = marks.append
+    calls = recorded_fits(ctx)
+    result = fusion.run_fusion(ctx)
+    [call] = calls
+    sources = [ctx.restore(b) for b in ("d0", "d1")]
+    for got, *members in zip(
+        jax.tree.leaves(call["variables"]), *map(jax.tree.leaves, sources), strict=True
+    ):
+        np.testing.assert_array_equal(got, np.stack(members))
+    fit = call["recipe"]
+    assert (fit.epochs, fit.learning_rate, fit.weight_decay) == (2, 3e-4, 0.01)
+    assert (fit.schedule, fit.grad_clip_norm, fit.head_lr_multiplier) == (
+        "cosine_per_epoch", None, 1.0
+    )  # fmt: skip
+    assert fit.augment is False  # digits turns augmentation off
+    assert isinstance(call["model"], logit_average.LogitAverage)
+    fused = logit_average.LogitAverage(ctx.model)
+    fitted = call["result"].variables
+    for split, out in (("validation", result.val), ("test", result.test)):
+        want = evaluation.predict(fused, fitted, ctx.splits[split], ctx.pipeline)
+        np.testing.assert_allclose(out["logits"], want["logits"], atol=1e-6)
+    assert result.train_epochs == 2 and len(result.history) == 2
+    assert result.extra == {"num_source_models": 2}
+    assert marks == ["source_models_loaded", "fusion_model_created", "finetuning_complete"]
+
+
+def test_faithful_pearl_is_the_first_source_zero_shot(prepared):
+    config, workdir = prepared
     ctx = context(config, workdir, **{"pearl.faithful": True})
     result = pearl.run_pearl(ctx)
     first = evaluation.predict(
@@ -334,6 +402,104 @@ def test_faithful_pearl_is_the_first_source_zero_shot(experiment):
     )
     np.testing.assert_allclose(result.test["logits"], first["logits"], atol=1e-5)
     assert result.extra["composition_weights"] == [0.5, 0.5]
+
+
+def test_pearl_trains_one_adapter_set_per_source_then_their_weights(prepared):
+    """On the first source's frozen model: a fresh set per source (each its own random
+    start, B = 0) trained with `config.pearl`'s recipe, then uniform weights over the
+    trained sets with the composition recipe; what it reports is that last fit's."""
+    config, workdir = prepared
+    ctx = context(
+        config,
+        workdir,
+        **{"pearl.adapter_epochs": 1, "pearl.composition_epochs": 2, "pearl.rank": 4},
+    )
+    marks = []
+    ctx.mark = marks.append
+    calls = recorded_fits(ctx)
+    result = pearl.run_pearl(ctx)
+    assert [c["description"] for c in calls] == [
+        "pearl adapters d0", "pearl adapters d1", "pearl composition"
+    ]  # fmt: skip
+    base = ctx.restore("d0")
+    starts = []
+    for call in calls[:2]:
+        assert_trees_equal(call["variables"]["batch_stats"]["base"], base)
+        [start] = call["variables"]["params"]["adapters"]
+        assert all(np.all(site["B"] == 0) for site in start.values())
+        assert [s["A"].shape for s in start.values()] == [(16, 4), (32, 4)]
+        starts.append(start)
+        fit = call["recipe"]
+        assert (fit.epochs, fit.learning_rate, fit.weight_decay) == (1, 5e-4, 0.01)
+        assert fit.schedule == "cosine_per_epoch" and fit.augment is False
+        assert call["model"].block_gradient is False
+    assert not np.array_equal(starts[0]["conv1"]["A"], starts[1]["conv1"]["A"])
+    composition = calls[2]
+    np.testing.assert_array_equal(composition["variables"]["params"]["weights"], [0.5, 0.5])
+    trained = [c["result"].variables["params"]["adapters"][0] for c in calls[:2]]
+    assert_trees_equal(composition["variables"]["batch_stats"]["adapters"], trained)
+    assert_trees_equal(composition["variables"]["batch_stats"]["base"], base)
+    fit = composition["recipe"]
+    assert (fit.epochs, fit.learning_rate, fit.schedule) == (2, 0.01, "constant")
+    assert composition["optimizer"] is pearl.composition_optimizer(0.01)
+    weights = composition["result"].variables["params"]["weights"]
+    assert result.extra == {
+        "composition_weights": [float(w) for w in weights],
+        "adapter_params_per_source": 4 * (16 + 32) + 4 * (32 + 64),
+        "n_adapted_layers": 2,
+        "faithful": False,
+    }
+    want = evaluation.predict(
+        adapters.Adapted(ctx.model),
+        composition["result"].variables,
+        ctx.splits["test"],
+        ctx.pipeline,
+    )
+    np.testing.assert_allclose(result.test["logits"], want["logits"], atol=1e-6)
+    assert result.train_epochs == 2 * 1 + 2
+    assert [h["stage"] for h in result.history] == [0, 1, 2, 2]
+    assert marks == ["base_model_created", "adapters_trained", "composition_learned"]
+
+
+@pytest.mark.parametrize("voting", ["soft", "prob", "vote"])
+def test_ensemble_runs_combine_each_sources_predictions(prepared, voting):
+    """Each source's predictions on the target, combined by hand: the mean logit, the
+    log of the mean probability, or the majority with ties to the higher mean
+    probability."""
+    config, workdir = prepared
+    ctx = context(config, workdir)
+    marks = []
+    ctx.mark = marks.append
+    result = ensembles.run_ensemble(ctx, voting)
+    per_source = [ctx.predict(ctx.restore(b)) for b in ("d0", "d1")]
+    for index, out in enumerate((result.val, result.test)):
+        logits = [np.asarray(p[index]["logits"], np.float64) for p in per_source]
+        labels = per_source[0][index]["labels"]
+        probs = np.mean([softmax(x) for x in logits], axis=0)
+        if voting == "soft":
+            scores = np.mean(logits, axis=0)
+            predictions = scores.argmax(axis=1)
+        else:
+            scores = np.log(probs + 1e-10)
+            predictions = probs.argmax(axis=1)
+        if voting == "vote":
+            classes = np.array([x.argmax(axis=1) for x in logits]).T
+            predictions = []
+            for row, votes in enumerate(classes):
+                counts = np.bincount(votes, minlength=probs.shape[1])
+                tied = np.flatnonzero(counts == counts.max())
+                predictions.append(tied[np.argmax(probs[row, tied])])
+        np.testing.assert_allclose(out["logits"], scores, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(out["predictions"], predictions)
+        np.testing.assert_array_equal(out["labels"], labels)
+        assert out["accuracy"] == pytest.approx(np.mean(predictions == labels))
+    assert result.extra == {
+        "voting": ensembles.VOTING[voting],
+        "num_source_models": 2,
+    }
+    assert result.extra["voting"].startswith(voting)
+    assert (result.history, result.train_epochs) == ([], 0)
+    assert marks == ["source_models_loaded", "ensemble_created"]
 
 
 def own_data_fisher(ctx, workdir, bin_name, variables, examples):
@@ -361,28 +527,136 @@ def own_data_fisher(ctx, workdir, bin_name, variables, examples):
     return jax.tree.map(lambda t: t / seen, total)
 
 
-@pytest.mark.parametrize("name", ["ties", "fisher"])
-def test_runner_merges_equal_the_all_at_once_kernels(experiment, name):
-    config, workdir, _ = experiment
-    ctx = context(config, workdir)
-    merged = weight_merges.merge_sources(ctx, name)
+def empirical_target_fisher(ctx, variables, examples):
+    """The empirical Fisher written out here: the mean over the target's first train
+    examples (in order) of the squared gradient of the cross-entropy with the true
+    label, one example at a time."""
+    images, labels = [], []
+    for batch in ip.dataset(
+        ctx.splits["train"], ctx.pipeline, train=False, shard_index=0, shard_count=1
+    ):
+        images += list(ip.normalize(batch["image"], ctx.pipeline))
+        labels += list(batch["label"])
+        if len(labels) >= examples:
+            break
+    total = None
+    for image, label in zip(images[:examples], labels[:examples], strict=True):
+
+        def loss(params, image=image, label=label):
+            logits = ctx.model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                image[None],
+                train=False,
+            )
+            return -jax.nn.log_softmax(logits)[0, label]
+
+        squared = jax.tree.map(jnp.square, jax.grad(loss)(variables["params"]))
+        total = squared if total is None else jax.tree.map(jnp.add, total, squared)
+    return jax.tree.map(lambda t: t / examples, total)
+
+
+MERGES = ["soup", "task_arithmetic", "ties", "dare", "magmax", "fisher", "fisher_target"]
+
+
+@pytest.mark.parametrize("name", MERGES)
+def test_runner_merges_equal_the_all_at_once_kernels(prepared, name):
+    """Each merge method's sources streamed as the runner does, against the merge of
+    all of them at once with the literature's defaults; BatchNorm statistics by their
+    plain mean."""
+    config, workdir = prepared
+    changes = {"merging.fisher.estimate": "empirical_target", "merging.fisher.examples": 6}
+    ctx = context(config, workdir, **(changes if name == "fisher_target" else {}))
+    merged = weight_merges.merge_sources(ctx, name.removesuffix("_target"))
     restored = [ctx.restore(b) for b in ("d0", "d1")]
     params = [r["params"] for r in restored]
-    if name == "ties":
-        expected = merging.ties(ctx.base()["params"], params, keep=0.2, scale=0.3)
-    else:
+    base = ctx.base()["params"]
+    if name == "soup":
+        expected = merging.soup(params)
+    elif name == "task_arithmetic":
+        expected = merging.task_arithmetic(base, params, scale=0.3)
+    elif name == "ties":
+        expected = merging.ties(base, params, keep=0.2, scale=0.3, aggregate="sum")
+    elif name == "dare":
+        key = seeding.stream(seeding.root_key(7), "merge_dare")  # the run's stream
+        expected = merging.dare(base, params, key=key, rate=0.5, scale=0.3)
+    elif name == "magmax":
+        expected = merging.magmax(base, params, scale=0.5)
+    elif name == "fisher":
         fishers = [
             own_data_fisher(ctx, workdir, b, r, 20)
             for b, r in zip(("d0", "d1"), restored, strict=True)
         ]
-        expected = merging.fisher(params, fishers)
-    for got, want in zip(
-        jax.tree.leaves(merged["params"]), jax.tree.leaves(expected), strict=True
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        expected = merging.fisher(params, fishers, floor=1e-6, normalize=True)
+    else:
+        fishers = [empirical_target_fisher(ctx, r, 6) for r in restored]
+        expected = merging.fisher(params, fishers, floor=1e-6, normalize=True)
+    assert_trees_equal(merged["params"], expected, rtol=1e-5, atol=1e-6)
     for got, *stats in zip(
         jax.tree.leaves(merged["batch_stats"]),
         *(jax.tree.leaves(r["batch_stats"]) for r in restored),
         strict=True,
     ):
         np.testing.assert_allclose(got, np.mean(stats, axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("finetune_epochs", [0, -1])
+def test_a_weight_merge_is_evaluated_merged_then_fine_tuned(prepared, finetune_epochs):
+    """The validation accuracy right after merging, then GRASP's stage recipe for
+    GRASP's budget (-1: 1 + 1 x (2 - 1) = 2 epochs here) or none (0: the merged
+    model's own predictions)."""
+    config, workdir = prepared
+    ctx = context(config, workdir, **{"merging.finetune_epochs": finetune_epochs})
+    marks = []
+    ctx.mark = marks.append
+    calls = recorded_fits(ctx)
+    result = weight_merges.run_weight_merge(ctx, "task_arithmetic")
+    merged = weight_merges.merge_sources(ctx, "task_arithmetic")
+    merged_val, merged_test = ctx.predict(merged)
+    epochs = 2 if finetune_epochs == -1 else 0
+    assert result.extra == {
+        "num_source_models": 2,
+        "val_accuracy_after_merge": merged_val["accuracy"],
+        "finetune_epochs": epochs,
+    }
+    assert result.train_epochs == epochs and len(result.history) == epochs
+    assert marks == ["models_merged", "finetuning_complete"]
+    if epochs == 0:
+        assert calls == []
+        np.testing.assert_array_equal(result.test["logits"], merged_test["logits"])
+        return
+    [call] = calls
+    assert_trees_equal(call["variables"], merged)
+    fit = call["recipe"]
+    grasp = config.grasp
+    assert (fit.epochs, fit.learning_rate, fit.weight_decay, fit.augment) == (
+        2, grasp.learning_rate, grasp.weight_decay, grasp.augment
+    )  # fmt: skip
+    assert fit.schedule == "cosine_per_epoch" and fit.grad_clip_norm is None
+    tuned_val, tuned_test = ctx.predict(call["result"].variables)
+    np.testing.assert_array_equal(result.test["logits"], tuned_test["logits"])
+    np.testing.assert_array_equal(result.val["logits"], tuned_val["logits"])
+
+
+def test_a_weight_merges_settings_are_its_merger_budget_and_stage_recipe(prepared):
+    config, _ = prepared
+    grasp = config.grasp
+    stage = {
+        "initial_epochs": 1,
+        "finetune_epochs": 1,
+        "learning_rate": grasp.learning_rate,
+        "weight_decay": grasp.weight_decay,
+        "augment": grasp.augment,
+    }
+    assert weight_merges.hyperparameters(config, "ties") == {
+        "ties": {"keep": 0.2, "scale": 0.3, "aggregate": "sum"},
+        "finetune_epochs_setting": -1,
+        "stage_recipe": stage,
+    }
+    assert weight_merges.hyperparameters(config, "soup") == {
+        "soup": {},
+        "finetune_epochs_setting": -1,
+        "stage_recipe": stage,
+    }
+    assert weight_merges.hyperparameters(config, "fisher")["fisher"] == {
+        "floor": 1e-6, "normalize": True, "estimate": "expected_own_data", "examples": 20
+    }  # fmt: skip
