@@ -49,6 +49,9 @@ def test_ensemble_votings_against_hand_computed_values():
     _, vote_pred = ensembles.combine(sums, "vote")
     assert probs[1].argmax() == 1
     np.testing.assert_array_equal(vote_pred, [0, 1])
+    # float32 logits are summed in float64
+    float32 = ensembles.accumulate(None, logits[0].astype(np.float32))
+    assert {float32[key].dtype for key in ("logits", "probs")} == {np.dtype(np.float64)}
 
 
 def test_vote_is_a_majority_even_against_the_mean_probability():

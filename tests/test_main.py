@@ -447,6 +447,12 @@ def test_bad_experiment_keys_list_the_valid_ones(key, value, message):
         ("merging.ties.keep", 1.5, r"merging.ties.keep=1.5"),
         ("merging.finetune_epochs", -2, r"use -1 \(GRASP's budget\)"),
         ("merging.fisher.examples", 0, r"merging.fisher.examples=0"),
+        (
+            "merging.fisher.estimate",
+            "empirical",
+            r"merging.fisher.estimate='empirical'; use one of \['expected_own_data', "
+            r"'empirical_target'\]",
+        ),
         ("merging.ties.aggregate", "median", r"merging.ties.aggregate='median'; use one"),
         ("fusion.epochs", 0, r"fusion.epochs=0; train at least one epoch"),
         ("pearl.rank", 0, r"pearl.rank=0"),

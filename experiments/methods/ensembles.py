@@ -55,7 +55,7 @@ def combine(sums: dict, voting: str) -> tuple[np.ndarray, np.ndarray]:
     return scores, np.where(sums["votes"] == most, probs, -1.0).argmax(axis=1)
 
 
-def run_ensemble(ctx: Context, voting: str = "soft") -> MethodResult:
+def run_ensemble(ctx: Context, voting: str) -> MethodResult:
     sums: dict[str, dict | None] = {"val": None, "test": None}
     labels = {}
     for name in ctx.source_bins:
@@ -79,7 +79,7 @@ def run_ensemble(ctx: Context, voting: str = "soft") -> MethodResult:
 
 
 def ensemble_flops(
-    ctx: Context, result: MethodResult, costs: StepCosts, voting: str = "soft"
+    ctx: Context, result: MethodResult, costs: StepCosts, voting: str
 ) -> dict:
     """Every source's inference on validation and test plus the combination (a sum per
     logit; `prob`/`vote` add a softmax, ~3 FLOPs per logit), with the reference's keys."""
