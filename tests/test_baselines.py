@@ -49,6 +49,11 @@ def test_ensemble_votings_against_hand_computed_values():
     _, vote_pred = ensembles.combine(sums, "vote")
     assert probs[1].argmax() == 1
     np.testing.assert_array_equal(vote_pred, [0, 1])
+    # a probability that underflows to 0 still has a finite score
+    far = ensembles.accumulate(None, np.array([[0.0, -1000.0]]))
+    np.testing.assert_allclose(
+        ensembles.combine(far, "prob")[0], [np.log([1 + 1e-10, 1e-10])]
+    )
     # float32 logits are summed in float64
     float32 = ensembles.accumulate(None, logits[0].astype(np.float32))
     assert {float32[key].dtype for key in ("logits", "probs")} == {np.dtype(np.float64)}
@@ -444,6 +449,7 @@ def test_pearl_trains_one_adapter_set_per_source_then_their_weights(prepared):
     assert_trees_equal(composition["variables"]["batch_stats"]["base"], base)
     fit = composition["recipe"]
     assert (fit.epochs, fit.learning_rate, fit.schedule) == (2, 0.01, "constant")
+    assert fit.weight_decay == 0.0 and fit.augment is False
     assert composition["optimizer"] is pearl.composition_optimizer(0.01)
     weights = composition["result"].variables["params"]["weights"]
     assert result.extra == {
@@ -462,6 +468,17 @@ def test_pearl_trains_one_adapter_set_per_source_then_their_weights(prepared):
     assert result.train_epochs == 2 * 1 + 2
     assert [h["stage"] for h in result.history] == [0, 1, 2, 2]
     assert marks == ["base_model_created", "adapters_trained", "composition_learned"]
+
+
+def test_pearl_on_a_model_without_an_adapter_site_is_refused_by_name(prepared, monkeypatch):
+    config, workdir = prepared
+    monkeypatch.setattr(pearl.adapters, "find_sites", lambda *args: [])
+    with pytest.raises(
+        ValueError,
+        match=r"^pearl: small_cnn has no layer an adapter fits \(>= 16 channels in and "
+        r"out, not a head\)$",
+    ):
+        pearl.run_pearl(context(config, workdir))
 
 
 @pytest.mark.parametrize("voting", ["soft", "prob", "vote"])
@@ -602,11 +619,11 @@ def test_runner_merges_equal_the_all_at_once_kernels(prepared, name):
         np.testing.assert_allclose(got, np.mean(stats, axis=0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("finetune_epochs", [0, -1])
+@pytest.mark.parametrize("finetune_epochs", [0, 1, -1])
 def test_a_weight_merge_is_evaluated_merged_then_fine_tuned(prepared, finetune_epochs):
     """The validation accuracy right after merging, then GRASP's stage recipe for
-    GRASP's budget (-1: 1 + 1 x (2 - 1) = 2 epochs here) or none (0: the merged
-    model's own predictions)."""
+    GRASP's budget (-1: 1 + 1 x (2 - 1) = 2 epochs here), the epochs set, or none (0:
+    the merged model's own predictions)."""
     config, workdir = prepared
     ctx = context(config, workdir, **{"merging.finetune_epochs": finetune_epochs})
     marks = []
@@ -615,7 +632,7 @@ def test_a_weight_merge_is_evaluated_merged_then_fine_tuned(prepared, finetune_e
     result = weight_merges.run_weight_merge(ctx, "task_arithmetic")
     merged = weight_merges.merge_sources(ctx, "task_arithmetic")
     merged_val, merged_test = ctx.predict(merged)
-    epochs = 2 if finetune_epochs == -1 else 0
+    epochs = 2 if finetune_epochs == -1 else finetune_epochs
     assert result.extra == {
         "num_source_models": 2,
         "val_accuracy_after_merge": merged_val["accuracy"],
@@ -629,10 +646,11 @@ def test_a_weight_merge_is_evaluated_merged_then_fine_tuned(prepared, finetune_e
         return
     [call] = calls
     assert_trees_equal(call["variables"], merged)
+    assert call["description"] == "task_arithmetic fine-tune"
     fit = call["recipe"]
     grasp = config.grasp
     assert (fit.epochs, fit.learning_rate, fit.weight_decay, fit.augment) == (
-        2, grasp.learning_rate, grasp.weight_decay, grasp.augment
+        epochs, grasp.learning_rate, grasp.weight_decay, grasp.augment
     )  # fmt: skip
     assert fit.schedule == "cosine_per_epoch" and fit.grad_clip_norm is None
     tuned_val, tuned_test = ctx.predict(call["result"].variables)
