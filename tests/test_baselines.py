@@ -15,7 +15,7 @@ import pytest
 from experiments import methods, runner
 from experiments import sources as src
 from experiments.context import Context
-from experiments.methods import ensembles, fusion, pearl, weight_merges
+from experiments.methods import ensembles, fisher_estimate, fusion, pearl, weight_merges
 from experiments.reference_format import MEMORY_CHECKPOINTS
 from grasp_jax import adapters, evaluation, logit_average, merging, models, seeding
 from grasp_jax import input_pipeline as ip
@@ -213,6 +213,7 @@ def test_composition_weights_stay_on_the_simplex():
         pearl.onto_simplex(jnp.array([0.5, -0.2, 0.7])), [0.5 / 1.2, 0.0, 0.7 / 1.2]
     )
     np.testing.assert_allclose(pearl.onto_simplex(jnp.array([-1.0, -2.0])), [0.5, 0.5])
+    np.testing.assert_allclose(pearl.onto_simplex(jnp.array([0.2, 0.3])), [0.4, 0.6])
     tx = pearl.composition_optimizer(0.5)
     weights = jnp.array([0.25, 0.25, 0.5])
     state = tx.init(weights)
@@ -420,7 +421,7 @@ def test_pearl_trains_one_adapter_set_per_source_then_their_weights(prepared):
     ctx = context(
         config,
         workdir,
-        **{"pearl.adapter_epochs": 1, "pearl.composition_epochs": 2, "pearl.rank": 4},
+        **{"pearl.adapter_epochs": 2, "pearl.composition_epochs": 1, "pearl.rank": 4},
     )
     marks = []
     ctx.mark = marks.append
@@ -438,7 +439,7 @@ def test_pearl_trains_one_adapter_set_per_source_then_their_weights(prepared):
         assert [s["A"].shape for s in start.values()] == [(16, 4), (32, 4)]
         starts.append(start)
         fit = call["recipe"]
-        assert (fit.epochs, fit.learning_rate, fit.weight_decay) == (1, 5e-4, 0.01)
+        assert (fit.epochs, fit.learning_rate, fit.weight_decay) == (2, 5e-4, 0.01)
         assert fit.schedule == "cosine_per_epoch" and fit.augment is False
         assert call["model"].block_gradient is False
     assert not np.array_equal(starts[0]["conv1"]["A"], starts[1]["conv1"]["A"])
@@ -448,7 +449,7 @@ def test_pearl_trains_one_adapter_set_per_source_then_their_weights(prepared):
     assert_trees_equal(composition["variables"]["batch_stats"]["adapters"], trained)
     assert_trees_equal(composition["variables"]["batch_stats"]["base"], base)
     fit = composition["recipe"]
-    assert (fit.epochs, fit.learning_rate, fit.schedule) == (2, 0.01, "constant")
+    assert (fit.epochs, fit.learning_rate, fit.schedule) == (1, 0.01, "constant")
     assert fit.weight_decay == 0.0 and fit.augment is False
     assert composition["optimizer"] is pearl.composition_optimizer(0.01)
     weights = composition["result"].variables["params"]["weights"]
@@ -458,15 +459,21 @@ def test_pearl_trains_one_adapter_set_per_source_then_their_weights(prepared):
         "n_adapted_layers": 2,
         "faithful": False,
     }
-    want = evaluation.predict(
-        adapters.Adapted(ctx.model),
-        composition["result"].variables,
-        ctx.splits["test"],
-        ctx.pipeline,
-    )
-    np.testing.assert_allclose(result.test["logits"], want["logits"], atol=1e-6)
-    assert result.train_epochs == 2 * 1 + 2
-    assert [h["stage"] for h in result.history] == [0, 1, 2, 2]
+    for split, out in (("validation", result.val), ("test", result.test)):
+        want = evaluation.predict(
+            adapters.Adapted(ctx.model),
+            composition["result"].variables,
+            ctx.splits[split],
+            ctx.pipeline,
+        )
+        np.testing.assert_allclose(out["logits"], want["logits"], atol=1e-6)
+    assert result.train_epochs == 2 * 2 + 1
+    assert result.history == [
+        dict(h, stage=stage)
+        for stage, call in enumerate(calls)
+        for h in call["result"].history
+    ]
+    assert [h["stage"] for h in result.history] == [0, 0, 1, 1, 2]
     assert marks == ["base_model_created", "adapters_trained", "composition_learned"]
 
 
@@ -575,6 +582,28 @@ def empirical_target_fisher(ctx, variables, examples):
     return jax.tree.map(lambda t: t / examples, total)
 
 
+def test_the_fisher_examples_are_the_splits_first_on_every_host(monkeypatch):
+    """The Fisher is estimated on the same first examples on every host (the second of
+    two here), across batches, each preprocessed by the pipeline."""
+    rng = np.random.default_rng(0)
+    split = [
+        {"image": rng.integers(0, 256, (8, 8, 3), np.uint8), "label": i} for i in range(10)
+    ]
+    pipeline = ip.PipelineConfig(resize_size=8, crop_size=8, batch_size=4)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    chosen = fisher_estimate._first_examples(split, pipeline, 6)
+    assert [len(batch["label"]) for batch in chosen] == [4, 2]
+    np.testing.assert_array_equal(
+        np.concatenate([batch["label"] for batch in chosen]), range(6)
+    )
+    images = np.stack([example["image"] for example in split[:6]]) / 255.0
+    expected = (images - np.array(pipeline.mean)) / np.array(pipeline.std)
+    np.testing.assert_allclose(
+        np.concatenate([batch["image"] for batch in chosen]), expected, atol=1e-6
+    )
+
+
 MERGES = ["soup", "task_arithmetic", "ties", "dare", "magmax", "fisher", "fisher_target"]
 
 
@@ -584,8 +613,14 @@ def test_runner_merges_equal_the_all_at_once_kernels(prepared, name):
     all of them at once with the literature's defaults; BatchNorm statistics by their
     plain mean."""
     config, workdir = prepared
-    changes = {"merging.fisher.estimate": "empirical_target", "merging.fisher.examples": 6}
-    ctx = context(config, workdir, **(changes if name == "fisher_target" else {}))
+    changes = {
+        "fisher": {"merging.fisher.examples": 40},  # more than a batch of 32
+        "fisher_target": {
+            "merging.fisher.estimate": "empirical_target",
+            "merging.fisher.examples": 6,
+        },
+    }
+    ctx = context(config, workdir, **changes.get(name, {}))
     merged = weight_merges.merge_sources(ctx, name.removesuffix("_target"))
     restored = [ctx.restore(b) for b in ("d0", "d1")]
     params = [r["params"] for r in restored]
@@ -603,7 +638,7 @@ def test_runner_merges_equal_the_all_at_once_kernels(prepared, name):
         expected = merging.magmax(base, params, scale=0.5)
     elif name == "fisher":
         fishers = [
-            own_data_fisher(ctx, workdir, b, r, 20)
+            own_data_fisher(ctx, workdir, b, r, 40)
             for b, r in zip(("d0", "d1"), restored, strict=True)
         ]
         expected = merging.fisher(params, fishers, floor=1e-6, normalize=True)
