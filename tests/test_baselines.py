@@ -229,6 +229,7 @@ def prepared(digits_dir, small_sources, tmp_path_factory):
     work folder holding its trained sources: the tests that call one method's run
     function start here (seconds), not from the every-method run (minutes)."""
     workdir = pinned_experiment.with_sources(small_sources, tmp_path_factory.mktemp("all"))
+    (workdir / "tfds").symlink_to(digits_dir)  # where a config without data_dir looks
     config = pinned_experiment.small_config(digits_dir, targets="d2", trials=1)
     config.methods = ("all",)
     config.merging.fisher.examples = 20
@@ -380,6 +381,7 @@ def test_fusion_fine_tunes_the_stacked_sources_by_its_own_recipe(prepared):
     calls = recorded_fits(ctx)
     result = fusion.run_fusion(ctx)
     [call] = calls
+    assert call["description"] == "fusion"
     sources = [ctx.restore(b) for b in ("d0", "d1")]
     for got, *members in zip(
         jax.tree.leaves(call["variables"]), *map(jax.tree.leaves, sources), strict=True
@@ -614,7 +616,8 @@ def test_runner_merges_equal_the_all_at_once_kernels(prepared, name):
     plain mean."""
     config, workdir = prepared
     changes = {
-        "fisher": {"merging.fisher.examples": 40},  # more than a batch of 32
+        # more than a batch of 32; the data in the work folder
+        "fisher": {"merging.fisher.examples": 40, "data_dir": ""},
         "fisher_target": {
             "merging.fisher.estimate": "empirical_target",
             "merging.fisher.examples": 6,

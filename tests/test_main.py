@@ -455,6 +455,8 @@ def test_bad_experiment_keys_list_the_valid_ones(key, value, message):
         ),
         ("merging.ties.aggregate", "median", r"merging.ties.aggregate='median'; use one"),
         ("fusion.epochs", 0, r"fusion.epochs=0; train at least one epoch"),
+        ("fusion.learning_rate", 0.0, r"fusion.learning_rate=0.0; must be > 0"),
+        ("pearl.adapter_epochs", 0, r"pearl.adapter_epochs=0; use at least 1"),
         ("pearl.rank", 0, r"pearl.rank=0"),
         ("pearl.composition_learning_rate", 0.0, r"pearl.composition_learning_rate=0.0"),
     ],
@@ -478,6 +480,8 @@ def test_baseline_settings_at_the_edges_of_their_ranges_are_accepted():
     config.merging.finetune_epochs = -1
     config.merging.fisher.examples = 1
     config.merging.fisher.floor = 0.0
+    config.pearl.update(rank=1, adapter_epochs=1, composition_epochs=1)
+    config.fusion.epochs = 1
     settings.check(config, methods.REGISTRY)  # no error
 
 
