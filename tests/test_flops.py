@@ -87,6 +87,11 @@ def test_the_ensembles_flops_by_hand():
     assert prob["softmax_gflops"] == rounded(3 * 1280e-9)  # ~3 FLOPs a logit
     assert prob["total_gflops"] == rounded(16 + 4 * 1280e-9)
     assert prob["voting"] == ensembles.VOTING["prob"]
+    # a million classes, where combining the logits is a share of the total that
+    # rounding does not hide
+    ctx.config.num_classes = 10**6
+    wide = ensembles.ensemble_flops(ctx, result, COSTS, voting="soft")
+    assert wide["total_gflops"] == rounded(16 + 2 * 10**6 * 64 / 1e9)
 
 
 def test_fusions_flops_by_hand():
@@ -113,6 +118,9 @@ def test_fusions_flops_by_hand():
             "inference_percent": 100 * 34 / out["total_gflops"],
         }
     )
+    ctx.config.num_classes = 10**6  # averaging the logits a visible share of the total
+    wide = fusion.fusion_flops(ctx, result, COSTS)
+    assert wide["total_gflops"] == rounded(196 + 2 * 10**6 * 418 / 1e9)
 
 
 def test_pearls_flops_by_hand():
