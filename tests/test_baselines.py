@@ -531,9 +531,25 @@ def test_ensemble_runs_combine_each_sources_predictions(prepared, voting):
     assert marks == ["source_models_loaded", "ensemble_created"]
 
 
+def squared_gradient(loss, params, *data):
+    """The elementwise square of `loss`'s gradient in `params` (jitted: one program a
+    shape instead of a small one per operation)."""
+    return jax.tree.map(jnp.square, jax.jit(jax.grad(loss))(params, *data))
+
+
 def own_data_fisher(ctx, workdir, bin_name, variables, examples):
     """FusionBench's Fisher written out here: per batch of the source's own train split,
     (grad of sum sqrt(p) log p under its own softmax)^2, summed, over the examples."""
+
+    def loss(params, images):
+        logits = ctx.model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=False,
+        )
+        log_p = jax.nn.log_softmax(logits)
+        return jnp.sum(jax.lax.stop_gradient(jnp.sqrt(jnp.exp(log_p))) * log_p)
+
     split = src.load_splits(ctx.config, workdir, bin_name)["train"]
     total, seen = None, 0
     for batch in ip.dataset(split, ctx.pipeline, train=False, shard_index=0, shard_count=1):
@@ -541,17 +557,7 @@ def own_data_fisher(ctx, workdir, bin_name, variables, examples):
             break
         images = ip.normalize(batch["image"][: examples - seen], ctx.pipeline)
         seen += len(images)
-
-        def loss(params, images=images):
-            logits = ctx.model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                images,
-                train=False,
-            )
-            log_p = jax.nn.log_softmax(logits)
-            return jnp.sum(jax.lax.stop_gradient(jnp.sqrt(jnp.exp(log_p))) * log_p)
-
-        squared = jax.tree.map(jnp.square, jax.grad(loss)(variables["params"]))
+        squared = squared_gradient(loss, variables["params"], images)
         total = squared if total is None else jax.tree.map(jnp.add, total, squared)
     return jax.tree.map(lambda t: t / seen, total)
 
@@ -560,6 +566,15 @@ def empirical_target_fisher(ctx, variables, examples):
     """The empirical Fisher written out here: the mean over the target's first train
     examples (in order) of the squared gradient of the cross-entropy with the true
     label, one example at a time."""
+
+    def loss(params, image, label):
+        logits = ctx.model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            image[None],
+            train=False,
+        )
+        return -jax.nn.log_softmax(logits)[0, label]
+
     images, labels = [], []
     for batch in ip.dataset(
         ctx.splits["train"], ctx.pipeline, train=False, shard_index=0, shard_count=1
@@ -570,16 +585,7 @@ def empirical_target_fisher(ctx, variables, examples):
             break
     total = None
     for image, label in zip(images[:examples], labels[:examples], strict=True):
-
-        def loss(params, image=image, label=label):
-            logits = ctx.model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                image[None],
-                train=False,
-            )
-            return -jax.nn.log_softmax(logits)[0, label]
-
-        squared = jax.tree.map(jnp.square, jax.grad(loss)(variables["params"]))
+        squared = squared_gradient(loss, variables["params"], image, label)
         total = squared if total is None else jax.tree.map(jnp.add, total, squared)
     return jax.tree.map(lambda t: t / examples, total)
 
