@@ -273,6 +273,22 @@ def test_presized_rows_give_the_batches_of_the_per_example_path(
             assert a["label"].dtype == b["label"].dtype
 
 
+def test_images_at_the_crop_size_are_resized_when_the_resize_is_larger():
+    """The in-memory path takes images already at the crop size, which is right only
+    where nothing resizes them: with resize 12 and crop 8, 8-pixel images are resized up
+    and centre-cropped, as each example's own transform does."""
+    rng = np.random.default_rng(3)
+    rows = [
+        {"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i}
+        for i in range(4)
+    ]
+    config = ip.PipelineConfig(resize_size=12, crop_size=8, batch_size=4)
+    [batch] = list(ip.dataset(rows, config, train=False, shard_index=0, shard_count=1))
+    expected = [ip.host_transform(row, config, None)["image"] for row in rows]
+    np.testing.assert_array_equal(batch["image"], expected)
+    assert not np.array_equal(batch["image"], [row["image"] for row in rows])
+
+
 class _CountingRows(list):
     """A split that counts its row reads."""
 
