@@ -4,6 +4,7 @@ against hand computations, and every method end to end at CI size."""
 from __future__ import annotations
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -78,6 +79,7 @@ def cnn():
     return model, members, images
 
 
+@pytest.mark.accelerator  # the vmapped members on a GPU or TPU
 def test_logit_average_is_the_mean_of_the_members(cnn):
     model, members, images = cnn
     stacked = logit_average.stack([lambda m=m: m for m in members])
@@ -109,6 +111,37 @@ def test_logit_average_is_the_mean_of_the_members(cnn):
             strict=True,
         ):
             np.testing.assert_allclose(got[i], want, atol=1e-5)
+
+
+# small_cnn's three convolutions for three members: K plain ones each on the CPU; one each
+# vmapped, the first (whose input every member shares) with K times the output channels,
+# the others grouped.
+UNROLLED, VMAPPED = [1] * 9, [1, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("platform", "groups"), [("cpu", UNROLLED), ("cuda", VMAPPED), ("tpu", VMAPPED)]
+)
+def test_members_are_unrolled_on_the_cpu_and_vmapped_elsewhere(cnn, platform, groups):
+    """vmap makes the K members' convolutions grouped ones, which XLA:CPU runs several
+    times slower than K plain ones (benchmarks/fusion_members.py)."""
+    model, members, images = cnn
+    stacked = logit_average.stack([lambda m=m: m for m in members])
+    fused = logit_average.LogitAverage(model)
+
+    def train_logits(variables):
+        return fused.apply(
+            variables,
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(0)},
+        )[0]
+
+    for fn in (train_logits, lambda v: fused.apply(v, images)):
+        text = jax.export.export(jax.jit(fn), platforms=[platform])(stacked).mlir_module()
+        found = [int(g) for g in re.findall(r"feature_group_count = (\d+)", text)]
+        assert found == groups, (platform, found)
 
 
 def test_logit_average_stacks_each_model_once_in_its_dtype_and_names_a_misfit(cnn):

@@ -59,8 +59,8 @@ def run_fusion(ctx: Context) -> MethodResult:
 
 
 def fusion_flops(ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
-    """K models' training and inference steps (a vmapped step costs K single ones) plus
-    averaging the logits, with the reference's FUSION keys."""
+    """K models' training and inference steps (a step over K members costs K single
+    ones) plus averaging the logits, with the reference's FUSION keys."""
     k = len(ctx.source_bins)
     scaled = dataclasses.replace(
         costs, train_step=k * costs.train_step, eval_step=k * costs.eval_step
