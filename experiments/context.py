@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,30 @@ from experiments import sources as src
 from experiments.flops_report import StepCosts, training_flops
 from grasp_jax import evaluation, loop, sharding
 from grasp_jax import input_pipeline as ip
+
+
+class FirstStage:
+    """GRASP's first stage of one (target, trial), the first source fine-tuned on the
+    target: the same in every run of GRASP's family (one seed, source and recipe a
+    trial), so the first run to reach it trains it and the others take a copy. Kept
+    until the last of `users` runs (the runner counts them) has taken it: at most one
+    model a trial in progress. With no users counted, every run trains its own."""
+
+    def __init__(self, users: int = 0):
+        self.users = users
+        self._lock = threading.Lock()
+        self._kept: dict = {}
+
+    def get(self, key, train: Callable[[], Any]):
+        """The `grasp.FineTuned` kept under `key`, else `train()`'s. The caller owns
+        (may donate) the variables it gets: a copy while others will take them."""
+        with self._lock:  # a run arriving while another trains it waits for that one
+            tuned = self._kept.pop(key) if key in self._kept else train()
+            self.users -= 1
+            if self.users <= 0:
+                return tuned
+            self._kept[key] = tuned
+            return tuned._replace(variables=loop.device_copy(tuned.variables))
 
 
 @dataclasses.dataclass
@@ -39,6 +64,8 @@ class Context:
     # (one of the method's `memory_marks`).
     out_dir: Path | None = None
     mark: Callable[[str], None] = lambda name: None
+    # Shared by the copies the runner makes of one trial's context.
+    first_stage: FirstStage = dataclasses.field(default_factory=FirstStage)
 
     @functools.cached_property
     def model_and_abstract(self):
@@ -163,6 +190,7 @@ class Method:
     check: Callable[[Any], None] = _no_check
     description: str = ""
     alias_of: str | None = None  # runs that method under the name earlier results used
+    shares_first_stage: bool = False  # takes its trial's `FirstStage` (GRASP's family)
 
     def report_flops(self, ctx: Context, result: MethodResult, costs: StepCosts) -> dict:
         if self.flops is not None:

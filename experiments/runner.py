@@ -13,6 +13,7 @@ reused when their settings match, so an interrupted experiment resumes. Ends wit
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import json
@@ -36,7 +37,7 @@ from experiments import (
     source_matrix,
 )
 from experiments import sources as src
-from experiments.context import Context, Method
+from experiments.context import Context, FirstStage, Method
 from experiments.flops_report import StepCosts
 from experiments.report import tensorboard
 from grasp_jax import flops, memory, models
@@ -127,6 +128,11 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
         if not settings.source_bins(config, target):
             logging.warning("target %s has no sources (sources=past); skipped", target)
     runs = [run[:3] for run in planned]  # (target, trial, method)
+    first_stage_users = collections.Counter(
+        (target, trial)
+        for target, trial, name, finished in planned
+        if not finished and methods.REGISTRY[name].shares_first_stage
+    )
     at_once = settings.at_once(config, len(runs))
     splits_of = functools.cache(functools.partial(src.load_splits, config, workdir))
     one_context = threading.Lock()  # a trial's runs starting together share one
@@ -138,7 +144,8 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
         seed = settings.run_seed(config, target, trial)
         bins = settings.source_bins(config, target)
         bars = progress and at_once == 1  # bars of runs side by side would garble
-        ctx = Context(config, workdir, target, bins, splits, seed, bars)
+        shared = FirstStage(first_stage_users[(target, trial)])
+        ctx = Context(config, workdir, target, bins, splits, seed, bars, first_stage=shared)
         ctx.source_layout  # noqa: B018 (traced once here, not once per run)
         return ctx
 

@@ -15,11 +15,20 @@ import pytest
 
 from experiments import methods, runner
 from experiments import sources as src
-from experiments.context import Context
+from experiments.context import Context, FirstStage
 from experiments.methods import ensembles, fisher_estimate, fusion, pearl, weight_merges
 from experiments.reference_format import MEMORY_CHECKPOINTS
-from grasp_jax import adapters, evaluation, logit_average, merging, models, seeding
+from grasp_jax import (
+    adapters,
+    evaluation,
+    logit_average,
+    loop,
+    merging,
+    models,
+    seeding,
+)
 from grasp_jax import input_pipeline as ip
+from grasp_jax.grasp import FineTuned
 from tests import pinned_experiment
 
 
@@ -271,10 +280,19 @@ def prepared(digits_dir, small_sources, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def experiment(prepared):
-    """Every method run by the runner in the `prepared` work folder."""
+    """Every method run by the runner in the `prepared` work folder, and the
+    descriptions of the `loop.fit` calls it made."""
     config, workdir = prepared
-    summary = runner.run_experiment(config, workdir, progress=False)
-    return config, workdir, summary
+    fits, real = [], loop.fit
+
+    def fit(*args, **kwargs):
+        fits.append(kwargs["description"])
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "fit", fit)
+        summary = runner.run_experiment(config, workdir, progress=False)
+    return config, workdir, summary, fits
 
 
 def load(workdir, config, method):
@@ -283,7 +301,7 @@ def load(workdir, config, method):
 
 
 def test_every_method_runs_and_the_summary_ranks_them(experiment):
-    config, workdir, summary = experiment
+    config, workdir, summary, _ = experiment
     ranked = list(summary["methods"])
     assert set(ranked) == set(methods.REGISTRY) - {"ensemble"}
     means = [summary["methods"][m]["test_accuracy_mean"] for m in ranked]
@@ -296,7 +314,7 @@ def test_every_method_runs_and_the_summary_ranks_them(experiment):
 
 
 def test_baselines_keep_the_reference_keys(experiment):
-    config, workdir, _ = experiment
+    config, workdir, *_ = experiment
     fusion = load(workdir, config, "fusion")
     assert fusion["num_source_models"] == 2
     assert set(fusion["hyperparameters"]) >= {
@@ -354,7 +372,7 @@ def context(config, workdir, **changes):
 def test_staged_finetune_is_grasp_with_nothing_moved(experiment):
     """The exact control: GRASP at threshold 1.01 (no cosine passes), same stages, same
     seed, so the same numbers; and its record shows nothing moved."""
-    config, workdir, _ = experiment
+    config, workdir, *_ = experiment
     staged = load(workdir, config, "staged_finetune")
     assert [s["fraction"] for s in staged["transfer_history"]] == [0.0]
     assert staged["hyperparameters"]["threshold"] == 1.01
@@ -366,6 +384,49 @@ def test_staged_finetune_is_grasp_with_nothing_moved(experiment):
         context(config, workdir, **{"grasp.threshold": -1.0})
     )
     assert not np.array_equal(control.test["logits"], moved.test["logits"])
+
+
+def test_grasps_family_trains_the_first_stage_once_a_trial(experiment):
+    """grasp, staged_finetune and grasp_random share their trial's first stage (the
+    first source fine-tuned on the target, `context.FirstStage`): one fine-tune, the
+    same record in all three, and the numbers of runs that each train their own (the
+    test above)."""
+    config, workdir, _, fits = experiment
+    assert [f for f in fits if f.startswith("grasp stage 0")] == ["grasp stage 0 (d0)"]
+
+    def first_stage(method):
+        history = load(workdir, config, method)["history"]
+        return [
+            {k: v for k, v in h.items() if k != "images_per_second"}
+            for h in history
+            if h["stage"] == 0
+        ]
+
+    assert first_stage("grasp") == first_stage("staged_finetune") != []
+    assert first_stage("grasp_random") == first_stage("grasp")
+
+
+def test_a_first_stage_is_kept_for_its_last_user_and_copied_before():
+    trained = []
+
+    def train():
+        trained.append(1)
+        return FineTuned({"w": jnp.arange(3.0)}, 0.5, [{"epoch": 0}])
+
+    shared = FirstStage(users=3)
+    got = [shared.get("key", train) for _ in range(3)]
+    assert len(trained) == 1
+    kept = got[2].variables["w"]  # the last user's; the others may donate theirs
+    assert got[0].variables["w"] is not kept and got[1].variables["w"] is not kept
+    for tuned in got:
+        np.testing.assert_array_equal(tuned.variables["w"], [0.0, 1.0, 2.0])
+        assert (tuned.best_val_accuracy, tuned.history) == (0.5, [{"epoch": 0}])
+    shared.get("key", train)  # dropped after its last user: trained again
+    assert len(trained) == 2
+    alone = FirstStage()  # no users counted (a run function called directly)
+    alone.get("key", train)
+    alone.get("key", train)
+    assert len(trained) == 4
 
 
 def recorded_fits(ctx) -> list[dict]:

@@ -43,16 +43,22 @@ def run_grasp(
         rule=rule,
     )
     marked: set[str] = set()
+    initial = ctx.restore(first)
+    ctx.mark("initial_model_loaded")
 
-    def finetune(variables, epochs, key, label):  # the reference's memory samples
-        tuned = steps.finetune(variables, epochs, key, label)
-        if "initial_finetuning_complete" not in marked:
+    def finetune(variables, epochs, key, label):
+        if variables is initial:  # the first stage: one for every run of the trial
+            shared = (first, epochs, cfg.stage_config(epochs), seeding.int_seed(key))
+            tuned = ctx.first_stage.get(
+                shared, lambda: steps.finetune(variables, epochs, key, label)
+            )
+        else:
+            tuned = steps.finetune(variables, epochs, key, label)
+        if "initial_finetuning_complete" not in marked:  # the reference's memory samples
             marked.add("initial_finetuning_complete")
             ctx.mark("initial_finetuning_complete")
         return tuned
 
-    initial = ctx.restore(first)
-    ctx.mark("initial_model_loaded")
     result = grasp.run_grasp(
         initial,
         [(name, functools.partial(ctx.restore, name)) for name in later],
@@ -130,6 +136,7 @@ def _entry(name: str, rule: str, description: str) -> Method:
         reference_hyperparameters=_reference_keys,
         memory_marks=MARKS,
         description=description,
+        shares_first_stage=True,
     )
 
 
@@ -147,6 +154,7 @@ METHODS = (
         flops=grasp_flops,
         memory_marks=MARKS,
         description="GRASP's stages and restores with nothing moved (the exact control)",
+        shares_first_stage=True,
     ),
     _entry(
         "grasp_random",
