@@ -48,8 +48,8 @@ def measure(name: str, members: int, size: int) -> dict:
         def loss(params, each=each):
             logits, updates = each(dict(stacked, params=params))
             mean = logits.mean(axis=0)
-            loss = optax.softmax_cross_entropy_with_integer_labels(mean, labels).mean()
-            return loss, updates
+            value = optax.softmax_cross_entropy_with_integer_labels(mean, labels).mean()
+            return value, updates
 
         start = time.perf_counter()
         step = jax.jit(jax.grad(loss, has_aux=True)).lower(stacked["params"]).compile()

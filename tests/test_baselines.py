@@ -388,9 +388,9 @@ def test_staged_finetune_is_grasp_with_nothing_moved(experiment):
 
 def test_grasps_family_trains_the_first_stage_once_a_trial(experiment):
     """grasp, staged_finetune and grasp_random share their trial's first stage (the
-    first source fine-tuned on the target, `context.FirstStage`): one fine-tune, the
-    same record in all three, and the numbers of runs that each train their own (the
-    test above)."""
+    first source fine-tuned on the target, `context.FirstStage`): one fine-tune and the
+    same record in all three. That the shared runs keep the numbers of runs that each
+    train their own, test_pinned_experiment checks (numbers pinned before sharing)."""
     config, workdir, _, fits = experiment
     assert [f for f in fits if f.startswith("grasp stage 0")] == ["grasp stage 0 (d0)"]
 
