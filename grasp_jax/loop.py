@@ -61,7 +61,8 @@ def fit(
     """Trains from `variables` for `config.epochs`; returns the best-validation variables.
 
     `optimizer` replaces the recipe's (which still sets the epochs, the augmentation and
-    the logged learning rate); build it once and reuse it, as it keys the compiled step.
+    the logged learning rate); build it once and reuse it, as it keys the compiled step
+    (the recipe's own is fed its rates and serves every schedule).
 
     With `workdir`, the state is checkpointed after every epoch and a rerun resumes from
     the last finished epoch (same seed: the same result as an uninterrupted run).
@@ -74,11 +75,15 @@ def fit(
             f"{pipeline.batch_size}; lower the batch size."
         )
     schedule = recipe.make_schedule(config, steps)
-    tx = optimizer if optimizer is not None else recipe.make_optimizer(config, steps)
+    # The recipe's rates are fed into the step, which then serves every schedule.
+    tx = optimizer if optimizer is not None else recipe.optimizer_for(config)
+    rates = recipe.learning_rates(config, steps) if optimizer is None else None
     replicated, batch_sharding = ip.data_parallel()
     # The state is donated step after step: copy, so the caller's variables survive.
     state = train.create_train_state(device_copy(variables), tx, seed)
     state = jax.device_put(state, jax.tree.map(lambda x: placement(x, replicated), state))
+    if rates is not None:  # set before every step; here so checkpoints hold them too
+        state = state.replace(learning_rates=rates(state.step))
 
     def train_step(state, batch):
         return train.train_step(
@@ -111,6 +116,8 @@ def fit(
             step_metrics = []  # stays on device: one host sync per epoch, not per step
             batches = ip.dataset(train_split, pipeline, train=True, seed=seed, epoch=epoch)
             for batch in itertools.islice(batches, steps):  # shards may differ by a batch
+                if rates is not None:
+                    state = state.replace(learning_rates=rates(state.step))
                 state, metrics = train_step(state, ip.shard_batch(batch, batch_sharding))
                 step_metrics.append(metrics)
                 bar.update(1)

@@ -1,7 +1,13 @@
 """The training recipe: its settings, learning-rate schedules and the optimiser.
 
-Built once per (recipe, steps per epoch) and cached, so every run with the same setup
-hands the same optimiser object to the jitted step, which then compiles once.
+`make_optimizer` computes the schedule inside the step: one optimiser (and compiled step)
+per (recipe, steps per epoch), cached. `loop.fit` feeds the rates in instead: the
+optimiser of `optimizer_for` takes each group's rate as an argument, which
+`train.train_step` takes from the state, where the loop puts what a small program of
+the schedule computes (`learning_rates`). Recipes that differ only in their schedule (a
+stage's epochs, a baseline's learning rate, another split's steps) then share one
+compiled training step. The fed rates are the in-step schedule's to the bit: the same
+operations, which XLA folds with the same constants, compute them.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from grasp_jax.tree_checks import PyTree, path_str
@@ -116,3 +123,57 @@ def make_optimizer(
     if config.grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
     return optimizer
+
+
+def scale_by_fed_learning_rate(group: str) -> optax.GradientTransformationExtraArgs:
+    """`optax.scale_by_learning_rate` with `group`'s rate handed to `update` as an extra
+    argument (`learning_rates`, a dict of group rates; `train.train_step` passes the
+    state's)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, learning_rates, **extra_args):
+        del params, extra_args
+        step_size = -1 * learning_rates[group]
+        return jax.tree.map(lambda g: jnp.array(step_size, g.dtype) * g, updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+@functools.cache
+def fed_optimizer(
+    weight_decay: float, grad_clip_norm: float | None
+) -> optax.GradientTransformationExtraArgs:
+    """`make_optimizer`'s optimiser with each group's rate fed in: one object, and so
+    one compiled step, per (weight decay, clipping)."""
+
+    def adamw(group: str):  # optax.adamw's chain, with its defaults
+        return optax.chain(
+            optax.scale_by_adam(),
+            optax.add_decayed_weights(weight_decay),
+            scale_by_fed_learning_rate(group),
+        )
+
+    optimizer = optax.multi_transform(
+        {"backbone": adamw("backbone"), "head": adamw("head")}, head_labels
+    )
+    if grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
+    return optimizer
+
+
+def optimizer_for(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """The fed optimiser of `config` (`fed_optimizer`); its rates: `learning_rates`."""
+    return fed_optimizer(config.weight_decay, config.grad_clip_norm or None)
+
+
+@functools.cache
+def learning_rates(config: TrainConfig, steps_per_epoch: int):
+    """A jitted function of the step count giving each group's rate for the fed
+    optimiser, computed as `make_optimizer`'s step computes it (the same operations,
+    which XLA folds with the same constants: the same floats)."""
+    schedule = make_schedule(config, steps_per_epoch)
+    multipliers = {"backbone": 1.0, "head": config.head_lr_multiplier}
+    return jax.jit(lambda step: {g: schedule(step) * m for g, m in multipliers.items()})

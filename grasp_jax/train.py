@@ -1,11 +1,12 @@
 """The train state and the two pure, jitted steps every training loop is built from.
 
 `train_step(state, batch, ...)` applies one optimiser step (the state is donated);
-`eval_step(variables, batch, ...)` scores a padded batch. The optimiser is built once
-(`recipe.make_optimizer`) and travels in the state as a static field, as in Flax's own
-TrainState. Data parallelism needs nothing here: place the state replicated and the
-batches sharded along "data" (`input_pipeline.data_parallel`) and XLA partitions the
-same program. `loop.fit` wires the steps into epochs.
+`eval_step(variables, batch, ...)` scores a padded batch. The optimiser travels in the
+state as a static field, as in Flax's own TrainState (`recipe.make_optimizer`, or
+`recipe.optimizer_for` with the state's `learning_rates` fed in). Data parallelism needs
+nothing here: place the state replicated and the batches sharded along "data"
+(`input_pipeline.data_parallel`) and XLA partitions the same program. `loop.fit` wires
+the steps into epochs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # a raw uint32 key: Orbax stores it like any array
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    # Each parameter group's rate for the next step, for an optimiser that takes them
+    # (`recipe.optimizer_for`); None for one with its schedule inside.
+    learning_rates: dict | None = None
 
     @property
     def variables(self) -> dict:
@@ -80,7 +84,8 @@ def train_step(
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, inputs
     )
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    fed = {} if state.learning_rates is None else {"learning_rates": state.learning_rates}
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **fed)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),

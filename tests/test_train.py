@@ -234,6 +234,63 @@ def test_a_step_does_not_recompile(compile_count):
     assert int(state.step) == 4
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        FAST,  # warmup and cosine per step, clipping, the head at 10x
+        recipe.fine_tuning(3, 5e-5, 0.01, augment=False),  # GRASP's stage: cosine per epoch
+    ],
+    ids=["source_training", "stage"],
+)
+def test_fed_rates_train_as_the_in_step_schedule_to_the_bit(config):
+    """`loop.fit`'s optimiser takes the rates from a program of its own; the parameters
+    after steps across the warmup, an epoch boundary and the cosine equal those of
+    optax's schedule computed inside the step (`make_optimizer`), bit for bit."""
+    module, variables = small_model()
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
+            "label": rng.integers(0, 10, 32).astype(np.int32),
+        }
+        for _ in range(9)
+    ]
+    step = functools.partial(train.train_step, model=module, pipeline=PIPE, augment=False)
+    inside, fed = (  # copies: each state is donated step after step
+        train.create_train_state(loop.device_copy(variables), tx, 0)
+        for tx in (recipe.make_optimizer(config, 3), recipe.optimizer_for(config))
+    )
+    rates = recipe.learning_rates(config, 3)
+    for batch in batches:
+        inside, _ = step(inside, batch)
+        fed, _ = step(fed.replace(learning_rates=rates(fed.step)), batch)
+    jax.tree.map(np.testing.assert_array_equal, fed.variables, inside.variables)
+
+
+def test_recipes_that_differ_in_their_schedule_share_one_compiled_step(digits_dir):
+    """A stage's epochs, a learning rate or the split's size change only the rates fed
+    in: the second `fit` reuses the first's compiled training step."""
+    module, variables = small_model()
+    data = splits(digits_dir, "d1")
+    fits = [
+        (recipe.fine_tuning(1, 5e-5, 0.01, augment=False), data["train"]),
+        (recipe.fine_tuning(2, 1e-4, 0.01, augment=False), list(data["train"])[:96]),
+    ]
+    sizes = []
+    for config, train_split in fits:
+        loop.fit(
+            module,
+            variables,
+            train_split,
+            data["validation"],
+            config=config,
+            pipeline=PIPE,
+            progress=False,
+        )
+        sizes.append(train.train_step._cache_size())
+    assert sizes[1] == sizes[0]
+
+
 def test_bfloat16_compute_keeps_float32_parameters():
     module, variables = small_model(dtype="bfloat16")
     tx = recipe.make_optimizer(FAST, 10)
