@@ -115,22 +115,46 @@ def run_experiment(config, workdir: Path, *, progress: bool | None = None) -> di
 
 def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[dict]:
     """Every run of the config (finished ones reused); returns their records."""
+    return run_variants([config], workdir, progress=progress)[0]
+
+
+def run_variants(
+    configs: list, workdir: Path, *, progress: bool | None = None, announce=None
+) -> list[list[dict]]:
+    """The runs of configs that differ only in their methods and the methods' settings
+    (the study's variants) as one plan, a (target, trial) at a time: GRASP's family
+    shares each trial's first stage across the variants too, and at most one is kept a
+    trial in progress. Returns each config's records in its own plan's order.
+    `progress`: bars (default: on a terminal only). `announce(k, n, index, target,
+    trial)`, if given, is called as run k of n (of `configs[index]`) starts."""
     progress = console.on_terminal() if progress is None else progress
+    config = configs[0]  # the data, model, sources and seeds every variant shares
     targets = settings.check(config, methods.REGISTRY)
-    aligning = bool(methods.ALIGNING & set(methods.selected(config)))
-    data_checks.check(config, workdir, targets, aligning=aligning)
-    planned = plan(config, workdir, targets)
-    console.event(plan_line(config, workdir, planned))
+    for variant in configs[1:]:
+        settings.check(variant, methods.REGISTRY)
+    selected = {name for c in configs for name in methods.selected(c)}
+    data_checks.check(config, workdir, targets, aligning=bool(methods.ALIGNING & selected))
+    planned = sorted(  # (target, trial) major; each config's runs in their own order
+        (
+            (target, trial, index, name, finished)
+            for index, variant in enumerate(configs)
+            for target, trial, name, finished in plan(variant, workdir, targets)
+        ),
+        key=lambda run: (targets.index(run[0]), run[1]),
+    )
+    listed = [(t, k, n, f) for t, k, _, n, f in planned]
+    named_by = [configs[index] for _, _, index, _, _ in planned]
+    console.event(plan_line(config, workdir, listed, named_by))
     prepare_sources(config, workdir, progress=progress)
     results_dir = workdir / "results" / config.dataset
-    costs = step_costs(config)
+    costs = [step_costs(variant) for variant in configs]
     for target in targets:
         if not settings.source_bins(config, target):
             logging.warning("target %s has no sources (sources=past); skipped", target)
-    runs = [run[:3] for run in planned]  # (target, trial, method)
+    runs = [(t, k, index, n) for t, k, index, n, _ in planned]  # what `run` takes
     first_stage_users = collections.Counter(
         (target, trial)
-        for target, trial, name, finished in planned
+        for target, trial, _, name, finished in planned
         if not finished and methods.REGISTRY[name].shares_first_stage
     )
     at_once = settings.at_once(config, len(runs))
@@ -149,21 +173,30 @@ def run_methods(config, workdir: Path, *, progress: bool | None = None) -> list[
         ctx.source_layout  # noqa: B018 (traced once here, not once per run)
         return ctx
 
-    def run(item: tuple[str, int, str]) -> dict:
-        target, trial, name = item
-        method = methods.REGISTRY[name]
-        out_dir = results_dir / run_name(config, target, name, trial)
+    def run(item: tuple[int, tuple[str, int, int, str]]) -> dict:
+        number, (target, trial, index, name) = item
+        if announce is not None:
+            announce(number, len(runs), index, target, trial)
+        variant, method = configs[index], methods.REGISTRY[name]
+        out_dir = results_dir / run_name(variant, target, name, trial)
         if (out_dir / "metrics.json").exists():
-            expected = run_dependencies(config, method, target, trial)
+            expected = run_dependencies(variant, method, target, trial)
             return reuse_finished(out_dir, method, expected)
         # A copy per run: the runner sets its output folder and memory marks on it.
         with one_context:
             ctx = copy.copy(trial_context(target, trial))
+        ctx.config = variant
         class_names = ctx.splits["train"].dataset_info.features["label"].names
         alongside = at_once - 1
-        return run_one(ctx, method, trial, costs, out_dir, class_names, alongside=alongside)
+        return run_one(
+            ctx, method, trial, costs[index], out_dir, class_names, alongside=alongside
+        )
 
-    return parallel_runs.ordered_map(run, runs, at_once)
+    records = parallel_runs.ordered_map(run, list(enumerate(runs, start=1)), at_once)
+    return [
+        [r for (_, _, index, _), r in zip(runs, records, strict=True) if index == i]
+        for i in range(len(configs))
+    ]
 
 
 def prepare_sources(config, workdir: Path, *, progress: bool) -> None:
@@ -190,18 +223,24 @@ def plan(config, workdir: Path, targets: list[str]) -> list[tuple[str, int, str,
     ]
 
 
-def plan_line(config, workdir: Path, runs: list[tuple[str, int, str, bool]]) -> str:
+def plan_line(
+    config, workdir: Path, runs: list[tuple[str, int, str, bool]], named_by=None
+) -> str:
     """`plan: N runs, F finished earlier (reused)`, and how long the others take at the
     mean time of this work folder's finished runs of each method, when every method left
-    has some (more trials, say: a large plan says what it costs before it starts)."""
+    has some (more trials, say: a large plan says what it costs before it starts).
+    `named_by`: each run's config, where the runs are several configs' (their folders'
+    names differ); default `config`."""
     done = sum(finished for *_, finished in runs)
     line = f"plan: {len(runs)} runs, {done} finished earlier (reused)"
     left = [name for _, _, name, finished in runs if not finished]
     results_dir = workdir / "results" / config.dataset
     seconds: dict[str, list[float]] = {}
-    for target, trial, name, finished in runs:
+    for (target, trial, name, finished), named in zip(
+        runs, named_by or [config] * len(runs), strict=True
+    ):
         if finished and name in left:
-            path = results_dir / run_name(config, target, name, trial) / "metrics.json"
+            path = results_dir / run_name(named, target, name, trial) / "metrics.json"
             try:
                 record = json.loads(path.read_text())
             except (OSError, ValueError):  # the run loop says what is wrong with it

@@ -8,7 +8,8 @@ would, chosen at random) at every threshold that moves a strict subset. A smalle
 `--config=digits:study.thresholds=0.3+1.01,study.granularities=tensor,study.modes=hard`.
 Writes `results/<dataset>/study.{json,md,png}`: per variant the test accuracy (mean and
 95 % Student t interval over runs), the mean share of parameters moved per merge, and
-the paired difference to staged fine-tuning. Finished runs are reused, so it resumes.
+the paired difference to staged fine-tuning. The variants' runs go a (target, trial)
+at a time, sharing its first stage. Finished runs are reused, so it resumes.
 Takes `--config` overrides and the multi-host flags like `main`.
 """
 
@@ -41,9 +42,20 @@ def variants(study) -> list[tuple[str, float, str, str]]:
             ("grasp_random", float(t), g, "hard")
             for g in study.granularities
             for t in study.thresholds
-            if -1.0 < t <= 1.0
+            if -1.0 < float(t) <= 1.0
         ]
     return list(dict.fromkeys(grid))
+
+
+def variant_configs(config) -> list:
+    """The config of each variant (`variants`): its one method and GRASP's settings."""
+    configs = []
+    for method, threshold, granularity, mode in variants(config.study):
+        changed = config.copy_and_resolve_references()
+        changed.methods = (method,)
+        changed.grasp.update(threshold=threshold, granularity=granularity, mode=mode)
+        configs.append(changed)
+    return configs
 
 
 def check(config) -> None:
@@ -76,18 +88,22 @@ def run_study(config, workdir: Path, *, progress: bool | None = None) -> dict:
     from experiments import console, report, runner
 
     check(config)
-    records = {}
     grid = variants(config.study)
-    for index, variant in enumerate(grid, start=1):
-        method, threshold, granularity, mode = variant
+    configs = variant_configs(config)
+
+    def announce(number, total, index, target, trial):
+        method, threshold, granularity, mode = grid[index]
         console.event(
-            f"study {index}/{len(grid)}: {method}, threshold {threshold:g}, "
-            f"{granularity}, {mode}"
+            f"study run {number}/{total}: {method}, threshold {threshold:g}, "
+            f"{granularity}, {mode} (variant {index + 1}/{len(grid)}) on {target}, "
+            f"trial {trial}"
         )
-        changed = config.copy_and_resolve_references()
-        changed.methods = (method,)
-        changed.grasp.update(threshold=threshold, granularity=granularity, mode=mode)
-        records[variant] = runner.run_methods(changed, workdir, progress=progress)
+
+    # One plan, a (target, trial) at a time: the variants share its first stage.
+    per_variant = runner.run_variants(
+        configs, workdir, progress=progress, announce=announce
+    )
+    records = dict(zip(grid, per_variant, strict=True))
     staged = {(r["target"], r["trial"]): r for r in records[STAGED]}
     rows = []
     for (method, threshold, granularity, mode), runs in records.items():
