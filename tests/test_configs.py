@@ -73,7 +73,12 @@ def test_digits_overrides_keep_their_types():
     assert config.grasp.learning_rate == 1.0 and isinstance(
         config.grasp.learning_rate, float
     )
+    # A list of numbers is read as numbers (the study's documented smaller grid).
+    config = digits.get_config("study.thresholds=0.3+1.01+-1")
+    assert config.study.thresholds == (0.3, 1.01, -1.0)
+    assert all(isinstance(t, float) for t in config.study.thresholds)
     # What digits changes, and only that, differs from the base.
+    config = digits.get_config("")
     assert config.source_training.learning_rate == 5e-4
     assert config.source_training.head_lr_multiplier == 10.0
 
@@ -85,6 +90,7 @@ def test_digits_overrides_keep_their_types():
         ("grasp.nope=1", r"unknown config key 'grasp.nope'; valid keys here: \[.*'mode'"),
         ("trials=many", r"trials='many'; expected a value of type int"),
         ("grasp.augment=maybe", r"grasp.augment='maybe'; use true or false"),
+        ("study.thresholds=0.3+high", r"study.thresholds='high'; expected .* float"),
     ],
 )
 def test_bad_arguments_name_the_key(argument, message):

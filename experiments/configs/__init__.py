@@ -93,7 +93,12 @@ def typed_value(text: str, old, key: str):
             raise ValueError(f"{key}={text!r}; use true or false")
         return text.lower() == "true"
     if isinstance(old, tuple):
-        return tuple(filter(None, (t.strip() for t in text.split("+"))))
+        items = tuple(filter(None, (t.strip() for t in text.split("+"))))
+        numbers = [v for v in old if isinstance(v, int | float) and not isinstance(v, bool)]
+        if not old or len(numbers) < len(old):  # names (or nothing to go by): text
+            return items
+        kind = 0.0 if any(isinstance(v, float) for v in numbers) else 0
+        return tuple(typed_value(item, kind, key) for item in items)
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
