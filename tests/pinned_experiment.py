@@ -11,6 +11,7 @@ machine, and say so in its message.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -47,6 +48,24 @@ def with_sources(prepared: Path, workdir: Path) -> Path:
     shutil.copytree(prepared / "sources", workdir / "sources")
     shutil.copytree(prepared / "results", workdir / "results")  # the matrix's files
     return workdir
+
+
+@contextlib.contextmanager
+def recorded_fits():
+    """A list that receives the description of every `loop.fit` call made inside."""
+    import pytest
+
+    from grasp_jax import loop
+
+    fits, real = [], loop.fit
+
+    def fit(*args, **kwargs):
+        fits.append(kwargs["description"])
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "fit", fit)
+        yield fits
 
 
 def pinned_config(data_dir):

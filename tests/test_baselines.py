@@ -22,7 +22,6 @@ from grasp_jax import (
     adapters,
     evaluation,
     logit_average,
-    loop,
     merging,
     models,
     seeding,
@@ -283,14 +282,7 @@ def experiment(prepared):
     """Every method run by the runner in the `prepared` work folder, and the
     descriptions of the `loop.fit` calls it made."""
     config, workdir = prepared
-    fits, real = [], loop.fit
-
-    def fit(*args, **kwargs):
-        fits.append(kwargs["description"])
-        return real(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "fit", fit)
+    with pinned_experiment.recorded_fits() as fits:
         summary = runner.run_experiment(config, workdir, progress=False)
     return config, workdir, summary, fits
 

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from experiments import runner, settings, study
-from grasp_jax import loop
 from grasp_jax.grasp import NOTHING_MOVES
 from tests import pinned_experiment
 from tests.test_main import tiny_config
@@ -21,14 +20,7 @@ def small_study(digits_dir, small_sources, tmp_path_factory):
     config = tiny_config(digits_dir)
     config.trials = 1  # one run a variant: every code path, half the time of two
     config.study.update(thresholds=(-1.0, 0.3, 1.01), granularities=("tensor", "channel"))
-    fits, real = [], loop.fit
-
-    def fit(*args, **kwargs):
-        fits.append(kwargs["description"])
-        return real(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "fit", fit)
+    with pinned_experiment.recorded_fits() as fits:
         result = study.run_study(config, workdir, progress=False)
     return config, workdir, result, fits
 
