@@ -117,11 +117,18 @@ def make_optimizer(
             lambda step: schedule(step) * multiplier, weight_decay=config.weight_decay
         )
 
-    optimizer = optax.multi_transform(
-        {"backbone": adamw(1.0), "head": adamw(config.head_lr_multiplier)}, head_labels
+    return _clipped_groups(
+        {"backbone": adamw(1.0), "head": adamw(config.head_lr_multiplier)},
+        config.grad_clip_norm,
     )
-    if config.grad_clip_norm:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+
+
+def _clipped_groups(by_group: dict, grad_clip_norm: float | None):
+    """Each parameter group (`head_labels`) through its optimiser, after clipping the
+    gradients by their global norm (none with no norm)."""
+    optimizer = optax.multi_transform(by_group, head_labels)
+    if grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
     return optimizer
 
 
@@ -156,12 +163,7 @@ def fed_optimizer(
             scale_by_fed_learning_rate(group),
         )
 
-    optimizer = optax.multi_transform(
-        {"backbone": adamw("backbone"), "head": adamw("head")}, head_labels
-    )
-    if grad_clip_norm:
-        return optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
-    return optimizer
+    return _clipped_groups({g: adamw(g) for g in ("backbone", "head")}, grad_clip_norm)
 
 
 def optimizer_for(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
