@@ -42,7 +42,7 @@ def variants(study) -> list[tuple[str, float, str, str]]:
             ("grasp_random", float(t), g, "hard")
             for g in study.granularities
             for t in study.thresholds
-            if -1.0 < float(t) <= 1.0
+            if -1.0 < t <= 1.0
         ]
     return list(dict.fromkeys(grid))
 
