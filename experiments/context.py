@@ -21,7 +21,7 @@ import optax
 from experiments import reference_format, settings
 from experiments import sources as src
 from experiments.flops_report import StepCosts, training_flops
-from grasp_jax import evaluation, loop, sharding
+from grasp_jax import checkpoints, evaluation, loop, sharding
 from grasp_jax import input_pipeline as ip
 
 
@@ -81,19 +81,20 @@ class Context:
 
     @functools.cached_property
     def source_layout(self) -> dict:
-        """The abstract variables sources restore into: split over `config.mesh.model`
-        devices when that is above 1, so Orbax reads each shard onto its own device
-        and no device ever holds the whole model."""
+        """The abstract variables sources restore into, each leaf naming its sharding:
+        split over `config.mesh.model` devices when that is above 1, so Orbax reads
+        each shard onto its own device and no device ever holds the whole model; else
+        replicated over every device."""
         abstract = self.model_and_abstract[1]
-        if self.config.mesh.model == 1:
-            return abstract
-        mesh = sharding.model_mesh(self.config.mesh.model)
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(
-                x.shape, x.dtype, sharding=sharding.fsdp_sharding(x.shape, mesh)
-            ),
-            abstract,
-        )
+        if self.config.mesh.model > 1:
+            mesh = sharding.model_mesh(self.config.mesh.model)
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(
+                    x.shape, x.dtype, sharding=sharding.fsdp_sharding(x.shape, mesh)
+                ),
+                abstract,
+            )
+        return checkpoints.restore_layout(abstract)
 
     def restore(self, bin_name: str) -> dict:
         """The trained source model of `bin_name`, laid out as `source_layout`

@@ -156,7 +156,7 @@ def restore_variables(
     with ocp.StandardCheckpointer() as checkpointer:
         for item in items:
             directory = Path(path).absolute() / item
-            target = _placed(abstract_variables.get(item, {}))
+            target = restore_layout(abstract_variables.get(item, {}))
             try:
                 stored = checkpointer.metadata(directory).item_metadata
                 _compare(target, stored, where, item)
@@ -175,9 +175,9 @@ def restore_variables(
     return restored
 
 
-def _placed(abstract: PyTree) -> PyTree:
-    """`abstract` with every leaf that names no sharding replicated over all devices, as
-    `loop.fit` places the training state."""
+def restore_layout(abstract: PyTree) -> PyTree:
+    """Where `restore_variables` lands each leaf of `abstract`: the sharding it names,
+    else replicated over all devices, as `loop.fit` places the training state."""
     replicated, _ = ip.data_parallel()
 
     def place(leaf):

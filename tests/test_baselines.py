@@ -702,11 +702,22 @@ MERGES = ["soup", "task_arithmetic", "ties", "dare", "magmax", "fisher", "fisher
 
 
 @pytest.mark.parametrize("name", MERGES)
-def test_runner_merges_equal_the_all_at_once_kernels(prepared, name):
+def test_runner_merges_equal_the_all_at_once_kernels(prepared, name, monkeypatch):
     """Each merge method's sources streamed as the runner does, against the merge of
     all of them at once with the literature's defaults; BatchNorm statistics by their
-    plain mean."""
+    plain mean. The runner starts the merge laid out as its sources: one compiled
+    update a pass (TIES: its election apart)."""
     config, workdir = prepared
+    traces, stream = [], merging.merge_streaming
+
+    def counted(merger, start, loaders):
+        def update(*args):
+            traces.append(args[3])
+            return merger.update(*args)
+
+        return stream(merger._replace(update=update), start, loaders)
+
+    monkeypatch.setattr(merging, "merge_streaming", counted)
     changes = {
         # more than a batch of 32; the data in the work folder
         "fisher": {"merging.fisher.examples": 40, "data_dir": ""},
@@ -741,6 +752,7 @@ def test_runner_merges_equal_the_all_at_once_kernels(prepared, name):
         fishers = [empirical_target_fisher(ctx, r, 6) for r in restored]
         expected = merging.fisher(params, fishers, floor=1e-6, normalize=True)
     assert_trees_equal(merged["params"], expected, rtol=1e-5, atol=1e-6)
+    assert len(traces) == (3 if name == "ties" else 1), traces
     for got, *stats in zip(
         jax.tree.leaves(merged["batch_stats"]),
         *(jax.tree.leaves(r["batch_stats"]) for r in restored),

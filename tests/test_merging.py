@@ -409,6 +409,40 @@ def test_streaming_updates_are_pure_and_trace(trees, name):
     assert isinstance(state, tuple) and hasattr(state, "_fields")  # a NamedTuple
 
 
+# (merger, programs a merge of K sources compiles): one per pass; TIES's second pass
+# has two, its first update holding the election.
+PROGRAMS = {"soup": 1, "task_arithmetic": 1, "dare": 1, "fisher": 1, "ties": 3}
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_sources_on_a_mesh_compile_each_update_once(trees, name):
+    """Sources restored onto a mesh (as the runner's are) and a start placed alike: the
+    state `init` builds enters the first update laid out as that update leaves it, so
+    the later updates reuse its program instead of compiling another."""
+    base, sources = trees
+    mesh = jax.make_mesh((1,), ("data",))
+    placed = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    base, *sources = jax.device_put([base, *sources], placed)
+    factory = getattr(merging.streaming, name)
+    merger = factory(jax.random.key(0)) if name == "dare" else factory()
+    traces = []
+
+    def update(*args):
+        traces.append(args[3])  # the source index; a trace is one compiled program
+        return merger.update(*args)
+
+    if name == "fisher":
+        sources = [(s, jax.tree.map(jnp.abs, s)) for s in sources]
+    if merger.from_base:
+        start = base
+    else:  # shapes, dtypes and the sources' layout only
+        start = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), base
+        )
+    merging.merge_streaming(merger._replace(update=update), start, loaders_of(sources))
+    assert len(traces) == PROGRAMS[name], traces
+
+
 def test_fisher_names_the_fisher_tree_that_does_not_fit():
     """A caller who passes Fishers of the wrong count or layout learns which one."""
     sources = [{"w": jnp.ones(3)}, {"w": jnp.zeros(3)}]

@@ -60,10 +60,12 @@ def merge_sources(ctx: Context, name: str) -> dict:
     (summed while the params' first pass restores each source)."""
     key = seeding.stream(seeding.root_key(ctx.seed), f"merge_{name}")
     merger = merger_of(ctx.config, name, key)
-    abstract = ctx.model_and_abstract[1]
+    # The running sums start laid out as the sources restore: every update is then one
+    # program (a state placed otherwise compiles the first update apart).
+    layout = ctx.source_layout
     stats = merging.streaming.soup()
     stats_update = jax.jit(stats.update, static_argnums=4, donate_argnums=0)
-    stats_state = stats.init(abstract.get("batch_stats", {}))
+    stats_state = stats.init(layout.get("batch_stats", {}))
     seen: set[int] = set()
 
     def load(index: int, bin_name: str):
@@ -77,10 +79,14 @@ def merge_sources(ctx: Context, name: str) -> dict:
             return variables["params"], fisher_estimate.of_source(ctx, variables, bin_name)
         return variables["params"]
 
-    start = ctx.base()["params"] if merger.from_base else abstract["params"]
+    start = layout["params"]
+    if merger.from_base:
+        start = jax.device_put(
+            ctx.base()["params"], jax.tree.map(lambda x: x.sharding, start)
+        )
     loaders = [functools.partial(load, i, b) for i, b in enumerate(ctx.source_bins)]
     params = merging.merge_streaming(merger, start, loaders)
-    merged_stats = stats.finish(stats_state, abstract.get("batch_stats", {}))
+    merged_stats = stats.finish(stats_state, layout.get("batch_stats", {}))
     return {"params": params, "batch_stats": merged_stats}
 
 

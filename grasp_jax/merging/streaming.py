@@ -10,11 +10,14 @@ functions over an immutable NamedTuple state (each traces under jit),
 `start` is the base for the task-vector mergers (`from_base`) and otherwise any tree of
 the model's shapes and dtypes (arrays or `jax.ShapeDtypeStruct`); `base` is the base or
 None. `index` (which source, may be traced) seeds DARE; `pass_index` is a Python int.
-`merge_streaming` drives a merger over loaders that restore one source each, so memory
-holds the base, one source and the merger's running sums. TIES needs two passes: the
-sign election needs every source's trimmed task vector, so pass 1 sums the sign mass and
-pass 2 restores the sources again and averages the entries that agree with the elected
-sign. The results equal `kernels`' all-at-once functions.
+The state is laid out as `start` is: a `start` placed as the sources are (arrays on their
+devices, or structs naming their sharding) makes every update one compiled program; an
+unplaced one compiles the first update apart. `merge_streaming` drives a merger over
+loaders that restore one source each, so memory holds the base, one source and the
+merger's running sums. TIES needs two passes: the sign election needs every source's
+trimmed task vector, so pass 1 sums the sign mass and pass 2 restores the sources again
+and averages the entries that agree with the elected sign. The results equal `kernels`'
+all-at-once functions.
 """
 
 from __future__ import annotations
@@ -62,8 +65,35 @@ class TiesState(NamedTuple):
     count: PyTree | None
 
 
+def _placement(x) -> jax.sharding.Sharding | None:
+    """Where a concrete array, or a `ShapeDtypeStruct` that names devices, is laid out;
+    None for anything else (a tracer, a NumPy array, `jax.eval_shape`'s abstract mesh)."""
+    where = None if isinstance(x, jax.core.Tracer) else getattr(x, "sharding", None)
+    if isinstance(where, jax.sharding.NamedSharding) and not isinstance(
+        where.mesh, jax.sharding.Mesh
+    ):
+        return None
+    return where
+
+
 def _zeros(like: PyTree, dtype=jnp.float32) -> PyTree:
-    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype), like)
+    """Zeros of `like`'s shapes, each laid out as its `like` leaf is: the state then
+    enters `update` as its output leaves it, so the first update compiles the program
+    the later ones reuse."""
+    return jax.tree.map(
+        lambda x: jnp.zeros(jnp.shape(x), dtype, device=_placement(x)), like
+    )
+
+
+def _placed_scalar(value, like: PyTree):
+    """`value` (a count, a key) replicated over the devices of `like`'s first leaf."""
+    leaves = jax.tree.leaves(like)
+    where = _placement(leaves[0]) if leaves else None
+    if isinstance(where, jax.sharding.NamedSharding):
+        where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+    elif not isinstance(where, jax.sharding.SingleDeviceSharding):
+        return value
+    return jax.device_put(value, where)
 
 
 def _cast_like(like: PyTree, tree: PyTree) -> PyTree:
@@ -84,7 +114,7 @@ def _tau(base: PyTree, source: PyTree, total: PyTree, index) -> PyTree:
 
 def _start_sum(like: PyTree) -> SumState:
     check_floating(("start",), like)
-    return SumState(_zeros(like), jnp.zeros((), jnp.int32))
+    return SumState(_zeros(like), _placed_scalar(jnp.zeros((), jnp.int32), like))
 
 
 def soup() -> StreamingMerger:
@@ -133,7 +163,7 @@ def dare(key: jax.Array, rate=0.5, scale=0.3) -> StreamingMerger:
 
     def init(base):
         check_floating(("base",), base)
-        return DareState(_zeros(base), key)
+        return DareState(_zeros(base), _placed_scalar(key, base))
 
     def update(state, source, base, index, pass_index):
         tau = _tau(base, source, state.total, index)
@@ -220,7 +250,8 @@ def merge_streaming(
     """Runs `merger` over the sources: `loaders[k]()` returns source k (for Fisher, the
     pair (params, Fisher)); called once per pass, so one source is alive at a time.
     `start`: the base for a `from_base` merger, else any tree of the model's shapes.
-    Each update is one jitted program that donates the previous state."""
+    Each update is one jitted program that donates the previous state (one program for
+    all sources when `start` is laid out as they are; see the module docstring)."""
     if not loaders:
         raise ValueError("merge_streaming needs at least one source loader; got none")
     update = jax.jit(merger.update, static_argnums=4, donate_argnums=0)
