@@ -14,6 +14,7 @@ import ml_collections
 
 from data.build import load_splits as load_data_splits
 from experiments import console, report, settings
+from experiments.report import tensorboard
 from grasp_jax import checkpoints, loop, models
 
 
@@ -225,11 +226,7 @@ def train_sources(config, workdir: Path) -> dict[str, dict]:
     # process trains.
     writer = None
     if missing and jax.process_index() == 0:
-        # Imported here: tensorboardX imports PyTorch when it is installed (~1 s), which
-        # a command that stops at a user error or a dry run never needs.
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(workdir / "tensorboard"))
+        writer = tensorboard.summary_writer(workdir / "tensorboard")
     try:
         init = initial_variables(config, workdir, writer) if missing else None
         for index, bin_name in missing:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tensorboardX.proto import event_pb2
 
 from experiments.report import tensorboard
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_events(folder) -> dict[str, list[tuple[int, float | str]]]:
@@ -77,3 +82,20 @@ def test_runs_logged_within_one_second_keep_their_own_events(tmp_path):
     events = read_events(tmp_path)
     for trial in (1, 2, 3):
         assert events[f"d2/finetune/trial{trial}/test_accuracy"] == [(0, 0.875)]
+
+
+def test_writing_events_leaves_pytorch_unimported_and_importable(tmp_path):
+    """tensorboardX imports PyTorch (~1 s) when it is installed; a run that writes
+    events with our writer does not pay for it, and can still import PyTorch after."""
+    script = (
+        "import sys; from experiments.report import tensorboard;"
+        f"tensorboard.log_run(__import__('pathlib').Path({str(tmp_path)!r}), "
+        f"{RECORD!r}, 'grasp');"
+        "print('torch' in sys.modules); import torch; print(torch.ones(2).sum().item())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "2.0"]
+    assert "d2/grasp/trial3/merge/fraction" in read_events(tmp_path)

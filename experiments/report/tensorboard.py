@@ -9,6 +9,7 @@ and after the merge and after fine-tuning, and the per-layer shares as a histogr
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate")
@@ -20,16 +21,31 @@ MERGE_KEYS = (
 )
 
 
+def summary_writer(folder: Path, **kwargs):
+    """tensorboardX's `SummaryWriter` for `folder`. tensorboardX imports PyTorch when it
+    is installed (~1 s a process) only to recognise its tensors among the values it is
+    given; we give it numbers and NumPy arrays, so a process that has not imported
+    PyTorch imports tensorboardX with PyTorch hidden (`import torch` then fails, which
+    tensorboardX expects), and PyTorch stays importable afterwards."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(folder), **kwargs)
+
+
 def log_run(folder: Path, record: dict, label: str) -> None:
     """Writes `record` (a run's metrics.json) under `folder` with tags
     `<target>/<label>/trial<k>/...`."""
-    from tensorboardX import SummaryWriter
-
     prefix = f"{record['target']}/{label}/trial{record['trial']}"
     # Event files are named by the second and the host: runs finishing within one
     # second would overwrite each other's file without a suffix of their own.
     suffix = f".{record['target']}.{label}.trial{record['trial']}"
-    with SummaryWriter(str(folder), filename_suffix=suffix) as writer:
+    with summary_writer(folder, filename_suffix=suffix) as writer:
         for step, epoch in enumerate(record.get("history", [])):
             for key in (*EPOCH_KEYS, "stage"):
                 if isinstance(epoch.get(key), int | float):
