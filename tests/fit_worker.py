@@ -10,7 +10,10 @@ import jax
 import numpy as np
 
 
-def main(data_dir: str, out: str, epochs: str, process: str = "", port: str = "") -> None:
+def main(
+    data_dir: str, start: str, out: str, epochs: str, process: str = "", port: str = ""
+) -> None:
+    """Trains from `start` (`tests.worker_files`, seed 0) on bin d0."""
     if process:  # one of two local processes, on JAX's own distributed runtime
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
@@ -21,10 +24,11 @@ def main(data_dir: str, out: str, epochs: str, process: str = "", port: str = ""
 
     from grasp_jax import input_pipeline as ip
     from grasp_jax import loop, models, recipe
+    from tests import worker_files
 
     data = tfds.data_source("digits_drift/d0", data_dir=data_dir)
     module = models.create("small_cnn", 10)
-    variables = models.init("small_cnn", 10, jax.random.PRNGKey(0), (1, 32, 32, 3))
+    variables = worker_files.load_start(start, 0)
     pipeline = ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32)
     result = loop.fit(
         module,

@@ -1,6 +1,8 @@
 """Run with 8 forced CPU devices: the kernels, a GRASP stage, `train_step` and `loop.fit`
 on a model sharded FSDP-style over 4 "model" devices (x 2 "data") keep every parameter's
-sharding and give the one-device results. Asserts; exit status 0 means all held."""
+sharding and give the one-device results. Asserts; exit status 0 means all held. The
+stage's result is written to a file: the test compares it with the one-device stage it
+computes once for this and tests/stage_worker.py."""
 
 from __future__ import annotations
 
@@ -11,14 +13,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import grasp_jax as gj
-from grasp_jax import grasp, loop, models, recipe, sharding, train
 from grasp_jax import input_pipeline as ip
+from grasp_jax import loop, models, recipe, sharding, train
+from tests import stage_worker, worker_files
 
 PIPE = ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32)
-
-
-def variables(seed):
-    return models.init("small_cnn", 10, jax.random.PRNGKey(seed), (1, 32, 32, 3))
 
 
 def on_one_device(tree):
@@ -41,10 +40,11 @@ def close(got, want, what, **tolerance):
     )
 
 
-def main(data_dir: str) -> None:
+def main(data_dir: str, start: str, out: str) -> None:
+    """`start`: the file of `tests.worker_files`; the stage's result goes to `out`."""
     assert jax.device_count() == 8, jax.devices()
     mesh = sharding.model_mesh(4)
-    current, source = variables(0), variables(1)
+    current, source = (worker_files.load_start(start, seed) for seed in (0, 1))
     sharded = [sharding.shard_model(v, mesh) for v in (current, source)]
     split = [
         leaf
@@ -84,26 +84,17 @@ def main(data_dir: str) -> None:
         assert 0 < float(want_stats.fraction) < 1
         assert abs(float(stats.fraction) - float(want_stats.fraction)) < 1e-6
 
-    # one GRASP stage of the library (train-mode alignment, BatchNorm threaded)
-    splits = tfds.data_source("digits_drift/d1", data_dir=data_dir)
-    config = grasp.GraspConfig(num_alignment_batches=2, threshold=0.0)
-    steps = grasp.default_steps(
-        models.create("small_cnn", 10), splits, config=config, pipeline=PIPE, progress=False
-    )
-    key = jax.random.PRNGKey(3)
-    batches = steps.alignment_batches(key)
-    want, want_stats = steps.stage(
-        on_one_device(current), on_one_device(source), batches, key, key
-    )
+    # one GRASP stage of the library (train-mode alignment, BatchNorm threaded): the
+    # test compares it with the one-device stage
+    steps, _, _, batches, key = stage_worker.stage_inputs(data_dir, start)
     got, stats = steps.stage(
-        jax.tree.map(lambda x: x.copy(), sharded[0]), variables(1), batches, key, key
+        jax.tree.map(lambda x: x.copy(), sharded[0]), source, batches, key, key
     )
     assert_same_shardings(got, sharded[0], "stage")
-    close(stats.scores, want_stats.scores, "stage scores", atol=1e-4)
-    close(got["batch_stats"], want["batch_stats"], "stage statistics", rtol=1e-5, atol=1e-6)
-    close(got["params"], want["params"], "stage params", rtol=0, atol=0)
+    worker_files.save_tree(out, {"variables": got, "scores": stats.scores})
 
     # train_step and loop.fit keep the layout
+    splits = tfds.data_source("digits_drift/d1", data_dir=data_dir)
     tx = recipe.make_optimizer(recipe.TrainConfig(augment=False), 10)
     state = train.create_train_state(jax.tree.map(lambda x: x.copy(), sharded[0]), tx, 0)
     batch = next(iter(ip.dataset(splits["train"], PIPE, train=True, seed=0)))
@@ -137,4 +128,4 @@ def main(data_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
