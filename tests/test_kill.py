@@ -76,10 +76,12 @@ def finished_work(workdir: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(small_sources, tmp_path_factory) -> dict:
-    """The experiment run to the end, from the test session's sources (the same
-    settings: the runs after a kill train theirs and must match them bit for bit)."""
+def uninterrupted(small_sources, digits_dir, tmp_path_factory) -> dict:
+    """The experiment run to the end, from the test session's sources and data set (the
+    same settings: the runs after a kill build and train theirs and must match them bit
+    for bit)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
+    (workdir / "tfds").symlink_to(digits_dir)  # where the config looks for its data
     result = run(pinned_experiment.with_sources(small_sources, workdir))
     assert result.returncode == 0, result.stderr[-3000:]
     return outcome(workdir)

@@ -41,8 +41,10 @@ def tiny_config(digits_dir):
 
 
 @pytest.fixture(scope="module")
-def experiment(digits_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
+def experiment(digits_dir, small_sources, tmp_path_factory):
+    """The tiny experiment, from the test session's sources and source matrix (their
+    settings are this config's; the runner reuses them after its checks)."""
+    workdir = pinned_experiment.with_sources(small_sources, tmp_path_factory.mktemp("run"))
     config = tiny_config(digits_dir)
     summary = runner.run_experiment(config, workdir, progress=False)
     return config, workdir, summary
