@@ -7,8 +7,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn import metrics as skm
-from sklearn.exceptions import UndefinedMetricWarning
+
+# scikit-learn (~1 s to import, with SciPy) is imported where a metric is computed: a
+# command that stops at a user error, prints its help or only plans never needs it.
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -20,6 +21,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def _auroc(labels: np.ndarray, probs: np.ndarray, average: str) -> float | None:
     """ROC AUC, or None (with a warning) where undefined: a class absent from the labels
     (scikit-learn then warns and gives NaN)."""
+    from sklearn import metrics as skm
+    from sklearn.exceptions import UndefinedMetricWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         if probs.shape[1] == 2:
@@ -51,6 +55,8 @@ def classification_metrics(
     versions, auroc/auroc_macro and the confusion matrix over all classes. The class
     scores are softmax(logits); `predictions` (default: their argmax) are the predicted
     classes where a method does not predict by its scores (a majority vote)."""
+    from sklearn import metrics as skm
+
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
     num_classes = logits.shape[1]
     if predictions is None:
