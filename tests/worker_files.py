@@ -44,5 +44,5 @@ def save_start(path: Path) -> str:
 
 def load_start(path, seed: int) -> dict:
     """The variables of `seed` that `save_start` wrote (NumPy leaves)."""
-    like = {s: jax.eval_shape(_init, s) for s in SEEDS}
-    return load_tree(path, like)[seed]
+    shapes = jax.eval_shape(_init, seed)  # every seed's variables share one structure
+    return load_tree(path, dict.fromkeys(SEEDS, shapes))[seed]
