@@ -76,12 +76,17 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# ml_dtypes 0.7.0 takes 0.7 s to import here (registering its NumPy ufunc loops, one
+# linear search each), paid by every process that imports JAX; 0.6.0 takes 3 ms and
+# satisfies jax (>= 0.5). The environment these commands make asks for it; the library
+# itself does not bound it.
+FAST_IMPORTS := 'ml_dtypes>=0.5,<0.7'
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "grasp-jax needs Python >= 3.11 (jax 0.10 does); set PYTHON=python3.11 or newer"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[test,torch]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[test,torch]' $(FAST_IMPORTS)
 	$(BIN)/python -c 'import compileall, re, sys; compileall.compile_dir(sys.prefix, quiet=2, workers=0, rx=re.compile(sys.argv[1]))' '$(NEVER_IMPORTED)'
 	touch $(STAMP)
 
