@@ -28,7 +28,7 @@ def main(
 
     data = tfds.data_source("digits_drift/d0", data_dir=data_dir)
     module = models.create("small_cnn", 10)
-    variables = worker_files.load_start(start, 0)
+    variables = worker_files.load_start(start)[0]
     pipeline = ip.PipelineConfig(resize_size=32, crop_size=32, batch_size=32)
     result = loop.fit(
         module,

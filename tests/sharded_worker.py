@@ -44,7 +44,7 @@ def main(data_dir: str, start: str, out: str) -> None:
     """`start`: the file of `tests.worker_files`; the stage's result goes to `out`."""
     assert jax.device_count() == 8, jax.devices()
     mesh = sharding.model_mesh(4)
-    current, source = (worker_files.load_start(start, seed) for seed in (0, 1))
+    steps, current, source, batches, key = stage_worker.stage_inputs(data_dir, start)
     sharded = [sharding.shard_model(v, mesh) for v in (current, source)]
     split = [
         leaf
@@ -86,7 +86,6 @@ def main(data_dir: str, start: str, out: str) -> None:
 
     # one GRASP stage of the library (train-mode alignment, BatchNorm threaded): the
     # test compares it with the one-device stage
-    steps, _, _, batches, key = stage_worker.stage_inputs(data_dir, start)
     got, stats = steps.stage(
         jax.tree.map(lambda x: x.copy(), sharded[0]), source, batches, key, key
     )

@@ -27,7 +27,8 @@ def stage_inputs(data_dir: str, start: str):
     steps = grasp.default_steps(
         models.create("small_cnn", 10), splits, config=config, pipeline=pipeline
     )
-    current, source = (worker_files.load_start(start, seed) for seed in (0, 1))
+    starts = worker_files.load_start(start)
+    current, source = starts[0], starts[1]
     key = jax.random.PRNGKey(3)
     return steps, current, source, steps.alignment_batches(key), key
 

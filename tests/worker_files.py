@@ -42,7 +42,7 @@ def save_start(path: Path) -> str:
     return str(path)
 
 
-def load_start(path, seed: int) -> dict:
-    """The variables of `seed` that `save_start` wrote (NumPy leaves)."""
-    shapes = jax.eval_shape(_init, seed)  # every seed's variables share one structure
-    return load_tree(path, dict.fromkeys(SEEDS, shapes))[seed]
+def load_start(path) -> dict[int, dict]:
+    """Every seed's variables that `save_start` wrote, by seed (NumPy leaves)."""
+    shapes = jax.eval_shape(_init, SEEDS[0])  # every seed's variables share one structure
+    return load_tree(path, dict.fromkeys(SEEDS, shapes))
